@@ -1,0 +1,294 @@
+"""The DSM training loop in plain torch: no Ray here (ray_train.py wraps it).
+
+One `Trainer` owns the network, its EMA, the optimiser, the loss and every random state, so that a
+checkpoint of `state_dict()` resumes bit-for-bit (on CPU in deterministic mode). Metrics are
+accumulated on the device and read back only at report time: a `.item()` per step would stall
+the GPU pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TrainConfig
+from ..diffusion.losses import build_loss
+from ..diffusion.sde import build_sde
+from ..models import EMA, build_unet
+
+# Per-noise-level loss buckets, in EDM's σ̃ = σ/α (comparable across VP, sub-VP and VE).
+SIGMA_BUCKETS: tuple[float, ...] = (0.1, 1.0, 10.0)
+Batch = tuple[Tensor, Tensor | None]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers before saving or averaging."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+class AutocastNet(nn.Module):
+    """Runs the wrapped network under bf16 autocast and hands fp32 back, so that loss arithmetic
+    (weights like 1/σ², which span many decades) stays in full precision."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        if self.dtype is None:
+            return self.net(x, noise_labels, class_labels)
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            out = self.net(x, noise_labels, class_labels)
+        return out.float()
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Position:
+    """Where the run is: optimiser steps taken, and the data position (epoch, batch within it)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class _Accum:
+    loss_sum: Tensor
+    count: Tensor
+    bucket_sum: Tensor
+    bucket_count: Tensor
+    grad_norm_sum: Tensor
+    steps: int = 0
+    images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    """Builds net, EMA, optimiser and loss from a TrainConfig and runs optimisation steps."""
+
+    def __init__(self, config: TrainConfig, *, device: torch.device | str = "cpu", rank: int = 0,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None,
+                 batch_size_per_rank: int | None = None) -> None:
+        self.config, self.device, self.rank = config, torch.device(device), rank
+        self.batch_size_per_rank = batch_size_per_rank or config.batch_size
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.sde = build_sde(config.sde, **config.sde_kwargs)
+        net = build_unet(config.preset, **config.model_overrides).to(self.device)
+        if config.channels_last and self.device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        self.ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
+        self.net = net
+        self.null_label = getattr(net, "null_label", None)
+        loss_kwargs = dict(config.loss_kwargs)
+        if config.label_dropout > 0 and self.null_label is not None:
+            loss_kwargs.setdefault("label_dropout", config.label_dropout)
+            loss_kwargs.setdefault("null_label", self.null_label)
+        self.loss_fn = build_loss(config.loss, self.sde, **loss_kwargs)
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
+                                 weight_decay=config.weight_decay)
+        self.amp_dtype = resolve_precision(config.precision, self.device)
+        # The network as the loss sees it: (DDP/compile-wrapped) under autocast.
+        model: nn.Module = wrap(net) if wrap is not None else net
+        if config.compile:
+            model = torch.compile(model)
+        self.model = AutocastNet(model, self.amp_dtype)
+        # Noise draws come from a generator we own, offset by rank so ranks see different noise.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + rank)
+        self.position = Position()
+        self._accum = self._new_accum()
+
+    # ---- optimisation ------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to the base rate (Ho et al. 2020 use 5000 steps), then constant."""
+        w = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / w) if w > 0 else self.config.lr
+
+    def train_step(self, x: Tensor, labels: Tensor | None = None) -> None:
+        """One optimiser step on a batch; a non-finite loss or gradient skips the update."""
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and self.device.type == "cuda" and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True)
+            if self.null_label is None:
+                labels = None  # unconditional network: labels are data, not conditioning
+        lr = self.lr_at(self.position.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        per_sample, sigma = self.loss_fn.forward_with_noise(self.model, x, labels, generator=self.generator)
+        loss = per_sample.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        # Deciding needs one host sync; it is the price of never corrupting the weights with a NaN.
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.ema.update(self.net, batch_size=self.config.batch_size)
+            self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), x.shape[0])
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.position.skipped_steps += 1
+        self.position.step += 1
+
+    def _new_accum(self) -> _Accum:
+        z = lambda n=(): torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
+        nb = len(SIGMA_BUCKETS) + 1
+        return _Accum(z(), z(), z(nb), z(nb), z())
+
+    def _record(self, per_sample: Tensor, sigma: Tensor, grad_norm: Tensor, n: int) -> None:
+        a = self._accum
+        a.loss_sum += per_sample.double().sum()
+        a.count += per_sample.numel()
+        idx = torch.bucketize(sigma.double(), torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64))
+        a.bucket_sum.index_add_(0, idx, per_sample.double())
+        a.bucket_count.index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float64))
+        a.grad_norm_sum += grad_norm.double()
+        a.steps += 1
+        a.images += n
+
+    def pop_metrics(self) -> dict[str, Any]:
+        """Metrics since the last call (one host sync), then reset the accumulators."""
+        a, self._accum = self._accum, self._new_accum()
+        elapsed = max(time.perf_counter() - a.started, 1e-9)
+        count = max(float(a.count), 1.0)
+        edges = ("0",) + tuple(f"{b:g}" for b in SIGMA_BUCKETS) + ("inf",)
+        buckets = {
+            f"loss_sigma_{edges[i]}_{edges[i + 1]}": (float(s) / float(c) if c > 0 else None)
+            for i, (s, c) in enumerate(zip(a.bucket_sum.tolist(), a.bucket_count.tolist(), strict=True))
+        }
+        return {
+            "step": self.position.step,
+            "loss": float(a.loss_sum) / count,
+            **buckets,
+            "grad_norm": float(a.grad_norm_sum) / max(a.steps, 1),
+            "lr": self.lr_at(max(self.position.step - 1, 0)),
+            "img_per_s": a.images / elapsed,
+            "skipped_steps": self.position.skipped_steps,
+        }
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and Python scalars only: loadable with torch.load(weights_only=True)."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": unwrap(self.net).state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": vars(self.position).copy(),
+            "rng": rng,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.net).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position = Position(**state["position"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._accum = self._new_accum()
+
+
+class InMemoryBatches:
+    """Seeded per-epoch shuffles of an in-memory dataset: epoch e always yields the same batches."""
+
+    def __init__(self, x: Tensor, labels: Tensor | None, batch_size: int, *, seed: int = 0,
+                 flip: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        if labels is not None and labels.shape[0] != x.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries for {x.shape[0]} images")
+        if batch_size > x.shape[0] // world_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0] // world_size} images per rank")
+        self.x, self.labels, self.batch_size = x, labels, batch_size
+        self.seed, self.flip, self.rank, self.world_size = seed, flip, rank, world_size
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.x.shape[0], generator=g)[self.rank::self.world_size]
+        for i in range(len(order) // self.batch_size):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.x[idx]
+            if self.flip:
+                mask = torch.rand(x.shape[0], generator=g) < 0.5
+                x = torch.where(mask.reshape(-1, 1, 1, 1), x.flip(-1), x)
+            yield x, (self.labels[idx] if self.labels is not None else None)
+
+
+def fit(trainer: Trainer, batches: Callable[[int], Iterable[Batch]], *, steps: int,
+        report_every: int = 100, on_report: Callable[[dict[str, Any]], None] | None = None,
+        checkpoint_every: int = 0, on_checkpoint: Callable[[Trainer], None] | None = None,
+        progress: bool = False) -> dict[str, Any]:
+    """Train until `trainer.position.step == steps`, resuming from the trainer's data position.
+
+    `batches(epoch)` yields that epoch's batches in a deterministic order; on resume the first
+    `position.batch` batches of the current epoch are skipped, so the run sees the same data it
+    would have seen uninterrupted.
+    """
+    if steps < trainer.position.step:
+        raise ValueError(f"steps={steps} is below the step already reached ({trainer.position.step})")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=trainer.position.step, desc="train", unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    pos = trainer.position
+    while pos.step < steps:
+        produced = 0
+        for i, (x, labels) in enumerate(batches(pos.epoch)):
+            produced += 1
+            if i < pos.batch:
+                continue
+            trainer.train_step(x, labels)
+            pos = trainer.position
+            pos.batch = i + 1
+            if bar is not None:
+                bar.update(1)
+            if report_every and (pos.step % report_every == 0 or pos.step == steps):
+                last = trainer.pop_metrics()
+                if on_report is not None:
+                    on_report(last)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['img_per_s']:.0f}")
+            if checkpoint_every and on_checkpoint is not None and (
+                    pos.step % checkpoint_every == 0 or pos.step == steps):
+                on_checkpoint(trainer)
+            if pos.step >= steps:
+                break
+        else:
+            if produced == 0:
+                raise ValueError(f"the data produced no batch in epoch {pos.epoch}: is the dataset empty?")
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    if not last or last.get("step") != pos.step:
+        last = trainer.pop_metrics()
+    return last
