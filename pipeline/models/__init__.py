@@ -1,0 +1,6 @@
+"""Networks: the DDPM / DDPM++ U-Net with named presets, and the EMA of its weights."""
+
+from .ema import EMA, unwrap_model
+from .unet import EMBEDDING_TYPES, PRESETS, UNet, build_unet, preset_config
+
+__all__ = ["EMA", "EMBEDDING_TYPES", "PRESETS", "UNet", "build_unet", "preset_config", "unwrap_model"]
