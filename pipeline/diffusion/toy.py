@@ -55,8 +55,12 @@ class GaussianMixture:
     def _component_logp(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """log N(x; α μ_k, α² Σ_k + σ² I) [B, K] and its gradient in x [B, K, d], in float64."""
         x = x.double().reshape(x.shape[0], -1)
-        a = alpha.double().reshape(-1, 1, 1, 1)
-        s = sigma.double().reshape(-1, 1, 1, 1)
+        alpha, sigma = alpha.double(), sigma.double()
+        if alpha.numel() > 1 and bool((alpha == alpha[0]).all() & (sigma == sigma[0]).all()):
+            # Samplers call with one t for the whole batch: factorise K covariances, not B×K.
+            alpha, sigma = alpha[:1], sigma[:1]
+        a = alpha.reshape(-1, 1, 1, 1)
+        s = sigma.reshape(-1, 1, 1, 1)
         eye = torch.eye(self.d, dtype=torch.float64)
         cov = a**2 * self.covs.unsqueeze(0) + s**2 * eye  # [B, K, d, d]
         L = torch.linalg.cholesky(cov)
