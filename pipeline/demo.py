@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .data.sources import digits_source
 from .diffusion.guidance import cfg_score_fn
 from .diffusion.samplers import sample
 from .evaluation.grid import grid_png
@@ -27,11 +28,9 @@ DIGIT_LEVELS = 17  # load_digits stores intensities 0..16
 
 def load_digits_tensor() -> tuple[Tensor, Tensor]:
     """The digits as x ∈ [-1, 1] of shape [1797, 1, 8, 8] (x = 2v/16 − 1) and labels [1797]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    v = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1)
-    return 2 * v / (DIGIT_LEVELS - 1) - 1, torch.as_tensor(d.target, dtype=torch.long)
+    src = digits_source()
+    v = torch.as_tensor(src.images, dtype=torch.float32).permute(0, 3, 1, 2)  # uint8 HWC → CHW
+    return 2 * v / (src.levels - 1) - 1, torch.as_tensor(src.labels, dtype=torch.long)
 
 
 def demo_config(steps: int, seed: int) -> TrainConfig:
