@@ -436,7 +436,6 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
     return x, counter.nfe
 
 
-_check_options = check_options  # the name pipeline/evaluation/sampling.py imports
 
 __all__ = [
     "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "ScoreCounter", "allowed_options", "check_options",

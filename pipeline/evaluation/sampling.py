@@ -247,7 +247,7 @@ class SamplingPlan:
                         f"class_label must lie in [0, {model.num_classes}), got {self.class_label}"
                     )
             # The core's own value checks (eps range, eta, snr, solver ...), before any network call.
-            core._check_options(self.method, model.sde, self.steps, {**allowed, **self.options})
+            core.check_options(self.method, model.sde, self.steps, {**allowed, **self.options})
 
     @property
     def deterministic(self) -> bool:
