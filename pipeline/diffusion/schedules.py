@@ -13,13 +13,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .sde import SDE, CosineVPSDE, VPSDE, expand_like
+from .sde import SDE, VPSDE, CosineVPSDE, expand_like
 
 
 def linear_betas(N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Ho et al. 2020, Sec. 4: β_1 = 1e-4 … β_T = 0.02, linear, float64."""
     if not (0 < beta_start < beta_end < 1):
-        raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        raise ValueError(
+            f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
     return torch.linspace(beta_start, beta_end, N, dtype=torch.float64)
 
 
@@ -81,7 +82,8 @@ class DDPMSchedule:
 
     def q_posterior(self, x0: Tensor, xt: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._take(self.posterior_mean_coef1, i, xt) * x0 + self._take(self.posterior_mean_coef2, i, xt) * xt
+        c1, c2 = self._take(self.posterior_mean_coef1, i, xt), self._take(self.posterior_mean_coef2, i, xt)
+        mean = c1 * x0 + c2 * xt
         return (mean, self._take(self.posterior_variance, i, xt),
                 self._take(self.posterior_log_variance_clipped, i, xt))
 
@@ -100,8 +102,8 @@ class DDPMSchedule:
     def vp_sde(self) -> SDE:
         """The continuous VP process this chain discretises."""
         if self.kind == "linear":
-            return VPSDE(beta_min=self.params["beta_start"] * self.N, beta_max=self.params["beta_end"] * self.N,
-                         N=self.N)
+            N = self.N
+            return VPSDE(beta_min=self.params["beta_start"] * N, beta_max=self.params["beta_end"] * N, N=N)
         if self.kind == "cosine":
             return CosineVPSDE(s=self.params["s"], N=self.N)
         raise ValueError(f"no continuous VP process is known for a {self.kind!r} schedule")

@@ -249,3 +249,27 @@ __all__ = [
     "save_classifier",
     "train_classifier",
 ]
+
+
+def train_domain_classifier(
+    data: str, out: str, *, epochs: int = 20, seed: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Train the domain classifier on `data` (a sharded dataset URI, or `digits`) and save it under `out`;
+    returns its metrics (test accuracy included)."""
+    if data == "digits":
+        x_tr, y_tr, x_te, y_te = digits_split(seed=seed)
+        source: dict[str, Any] = {"data": "sklearn-digits", "split": "stratified 80/20", "seed": seed}
+        name, num_classes = "digits", 10
+    else:
+        from ..data.manifest import read_manifest
+
+        m = read_manifest(data)
+        x_tr, y_tr = load_split(data, "train")
+        x_te, y_te = load_split(data, "test")
+        source = {"data": data, "fingerprint": m.get("source", {}).get("fingerprint")}
+        name, num_classes = m.get("source", {}).get("kind", "dataset"), int(m["num_classes"])
+    model, metrics = train_classifier(
+        x_tr, y_tr, x_te, y_te, num_classes=num_classes, epochs=epochs, seed=seed, device=device
+    )
+    save_classifier(model, out, name=name, metrics=metrics, source=source)
+    return metrics

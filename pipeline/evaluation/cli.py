@@ -178,30 +178,10 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _classifier(args: argparse.Namespace) -> int:
-    from .classifier import digits_split, load_split, save_classifier, train_classifier
+    from .classifier import train_domain_classifier
 
-    if args.data == "digits":
-        x_tr, y_tr, x_te, y_te = digits_split(seed=args.seed)
-        source: dict[str, Any] = {"data": "sklearn-digits", "split": "stratified 80/20", "seed": args.seed}
-        name, num_classes = "digits", 10
-    else:
-        from ..data.manifest import read_manifest
-
-        m = read_manifest(args.data)
-        x_tr, y_tr = load_split(args.data, "train")
-        x_te, y_te = load_split(args.data, "test")
-        source = {"data": args.data, "fingerprint": m.get("source", {}).get("fingerprint")}
-        name, num_classes = m.get("source", {}).get("kind", "dataset"), int(m["num_classes"])
-    model, metrics = train_classifier(
-        x_tr,
-        y_tr,
-        x_te,
-        y_te,
-        num_classes=num_classes,
-        epochs=args.epochs,
-        seed=args.seed,
-        device=args.device,
+    metrics = train_domain_classifier(
+        args.data, args.out, epochs=args.epochs, seed=args.seed, device=args.device
     )
-    save_classifier(model, args.out, name=name, metrics=metrics, source=source)
     print(f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['n_test']} images) → {args.out}")
     return 0

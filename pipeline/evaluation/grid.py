@@ -32,7 +32,8 @@ def image_grid(x: Tensor, *, nrow: int, levels: int = 256, scale: int = 1, pad: 
     for k in range(B):
         r, c = divmod(k, nrow)
         tile = imgs[k].repeat(scale, 0).repeat(scale, 1)
-        canvas[pad + r * (Hs + pad):pad + r * (Hs + pad) + Hs, pad + c * (Ws + pad):pad + c * (Ws + pad) + Ws] = tile
+        top, left = pad + r * (Hs + pad), pad + c * (Ws + pad)
+        canvas[top:top + Hs, left:left + Ws] = tile
     return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
 
 
