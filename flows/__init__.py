@@ -1,0 +1,1 @@
+"""Prefect flows of the diffusion pipeline: thin tasks over `pipeline.stages`, passing URIs."""
