@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipeline import storage
 from pipeline.config import TrainConfig
@@ -90,9 +90,12 @@ def diffusion_pipeline(source: str = "digits", root: str = "artifacts/run", pres
                        train_steps: int = 1500, batch_size: int = 128, workers: int = 1,
                        gpus_per_worker: float = 0.0, checkpoint_every: int = 500, n_samples: int = 500,
                        sampler: str = "heun", sample_steps: int = 32, guidance: float = 1.0,
-                       likelihood_samples: int = 128, seed: int = 0) -> dict[str, Any]:
+                       likelihood_samples: int = 128, seed: int = 0,
+                       ray_dashboard: str | None = None) -> dict[str, Any]:
     """shard → train → sample → FID → bits/dim and ELBO, every artifact under `root`."""
     logger = get_run_logger()
+    if ray_dashboard:
+        create_link_artifact(link=ray_dashboard, link_text="Ray dashboard", key="ray-dashboard")
     config = default_train_config(preset, steps=train_steps, batch_size=batch_size, seed=seed).to_dict()
     storage.check_writable(root)  # a missing bucket or credentials fail now, not after training
     data = shard_flow(source, storage.join(root, "data"), seed=seed)

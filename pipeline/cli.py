@@ -14,6 +14,10 @@ import sys
 # (module path) — each registers one or more subcommands.
 COMMANDS: tuple[str, ...] = (
     "pipeline.demo",
+    "pipeline.training.cli",
+    "pipeline.data.cli",
+    "pipeline.evaluation.cli",
+    "flows.cli",
 )
 
 

@@ -71,9 +71,12 @@ def classifier_stage(data: str, out: str, *, epochs: int = 20, seed: int = 0) ->
 
     meta_uri = storage.join(out, "classifier.json")
     if storage.exists(meta_uri):
+        from .data.manifest import read_manifest
+
         meta = storage.read_json(meta_uri)
-        if meta.get("source", {}).get("data") == data:
-            return {"classifier": out, "test_accuracy": meta["metrics"]["test_accuracy"], "skipped": True}
+        fingerprint = read_manifest(data).get("source", {}).get("fingerprint")
+        if meta.get("source", {}) == {"data": data, "fingerprint": fingerprint}:
+            return {"classifier": out, "test_accuracy": meta["test_accuracy"], "skipped": True}
     metrics = train_domain_classifier(data, out, epochs=epochs, seed=seed)
     return {"classifier": out, "test_accuracy": metrics["test_accuracy"], "skipped": False}
 

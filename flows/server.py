@@ -1,0 +1,91 @@
+"""Reach Prefect and Ray before any work starts: reuse or start a local Prefect server, check the
+configured addresses, and say exactly what to set when something is not there."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+LOCAL_HOST, LOCAL_PORT = "127.0.0.1", 4200
+
+
+def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def check_prefect_api() -> str | None:
+    """The configured PREFECT_API_URL if it answers; None when unset (a temporary server is used)."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return None
+    if not api_healthy(url):
+        raise ValueError(
+            f"PREFECT_API_URL={url} does not answer at {url.rstrip('/')}/health. Start the server there "
+            "(`prefect server start`), point PREFECT_API_URL at a running one, or unset it to run with a "
+            "temporary local server.")
+    return url
+
+
+def ensure_local_server(host: str = LOCAL_HOST, port: int = LOCAL_PORT,
+                        log: str | Path = "artifacts/prefect.log", timeout_s: float = 90.0) -> str:
+    """Reuse the Prefect server on host:port or start one in the background (it outlives this
+    process, so the UI stays up); sets PREFECT_API_URL and returns the UI URL."""
+    api = f"http://{host}:{port}/api"
+    if not api_healthy(api):
+        log = Path(log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        with open(log, "ab") as fh:
+            cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+            subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not api_healthy(api):
+            if time.monotonic() > deadline:
+                raise ValueError(f"the Prefect server did not come up on {host}:{port} within "
+                                 f"{timeout_s:.0f} s; see {log}")
+            time.sleep(1.0)
+    os.environ["PREFECT_API_URL"] = api
+    return f"http://{host}:{port}"
+
+
+def check_ray_address() -> str | None:
+    """RAY_ADDRESS if it is reachable; None when unset (a local Ray starts)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return None
+    if address == "auto":
+        return address  # ray.init resolves it and names the problem itself
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return address
+    except OSError as e:
+        raise ValueError(
+            f"RAY_ADDRESS={address} is unreachable ({host}:{port}: {e}). Start the cluster "
+            "(`ray up infra/ray/cluster-aws-gpu.yaml` or `kubectl apply -f infra/k8s/raycluster.yaml`), fix "
+            "RAY_ADDRESS, or unset it to start a local Ray.") from e
+
+
+def start_local_ray(dashboard: bool = True) -> str | None:
+    """Start (or join) Ray for the whole run, so every stage shares it; returns the dashboard URL."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    ctx = ray.init(address=check_ray_address(), include_dashboard=dashboard, configure_logging=False,
+                   log_to_driver=False)
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
