@@ -28,7 +28,8 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
 def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="digits",
                    help="'digits' (embedded), an image folder, .npz, or CIFAR tarball")
-    p.add_argument("--root", default="artifacts/run", help="where every artifact goes (path, file://, s3://...)")
+    p.add_argument("--root", default=os.environ.get("PIPELINE_ROOT") or "artifacts/run",
+                   help="where every artifact goes (path, file://, s3://...; default $PIPELINE_ROOT)")
     p.add_argument("--preset", default="tiny-digits")
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=128)

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 LOCAL_HOST, LOCAL_PORT = "127.0.0.1", 4200
+_started: list[subprocess.Popen] = []  # servers this process started (stop_started_servers ends them)
 
 
 def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -49,7 +50,8 @@ def ensure_local_server(host: str = LOCAL_HOST, port: int = LOCAL_PORT,
         env.pop("PREFECT_API_URL", None)
         with open(log, "ab") as fh:
             cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-            subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            _started.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True))
         deadline = time.monotonic() + timeout_s
         while not api_healthy(api):
             if time.monotonic() > deadline:
@@ -58,6 +60,17 @@ def ensure_local_server(host: str = LOCAL_HOST, port: int = LOCAL_PORT,
             time.sleep(1.0)
     os.environ["PREFECT_API_URL"] = api
     return f"http://{host}:{port}"
+
+
+def stop_started_servers(timeout_s: float = 20.0) -> None:
+    """Stop the Prefect servers this process started (tests; `run` leaves its UI up on purpose)."""
+    while _started:
+        proc = _started.pop()
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def check_ray_address() -> str | None:
