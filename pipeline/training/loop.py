@@ -97,15 +97,17 @@ class Trainer:
             net = net.to(memory_format=torch.channels_last)
         self.ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
         self.net = net
-        self.null_label = getattr(net, "null_label", None)
+        # UNet.null_label raises for unconditional networks (num_classes=None).
+        self.null_label = net.null_label if getattr(net, "num_classes", None) is not None else None
         loss_kwargs = dict(config.loss_kwargs)
         if config.label_dropout > 0 and self.null_label is not None:
             loss_kwargs.setdefault("label_dropout", config.label_dropout)
             loss_kwargs.setdefault("null_label", self.null_label)
         self.loss_fn = build_loss(config.loss, self.sde, **loss_kwargs)
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        # fused: one kernel for the whole update on CUDA (foreach is the default there, plain on CPU)
         self.optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
-                                 weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay, fused=self.device.type == "cuda" or None)
         self.amp_dtype = resolve_precision(config.precision, self.device)
         # The network as the loss sees it: (DDP/compile-wrapped) under autocast.
         model: nn.Module = wrap(net) if wrap is not None else net
@@ -115,6 +117,7 @@ class Trainer:
         # Noise draws come from a generator we own, offset by rank so ranks see different noise.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + rank)
         self.position = Position()
+        self._sigma_edges = torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64)
         self._accum = self._new_accum()
 
     # ---- optimisation ------------------------------------------------------------------------
@@ -163,7 +166,7 @@ class Trainer:
         a = self._accum
         a.loss_sum += per_sample.double().sum()
         a.count += per_sample.numel()
-        idx = torch.bucketize(sigma.double(), torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64))
+        idx = torch.bucketize(sigma.double(), self._sigma_edges)  # no host→device copy per step
         a.bucket_sum.index_add_(0, idx, per_sample.double())
         a.bucket_count.index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float64))
         a.grad_norm_sum += grad_norm.double()
@@ -175,7 +178,7 @@ class Trainer:
         a, self._accum = self._accum, self._new_accum()
         elapsed = max(time.perf_counter() - a.started, 1e-9)
         count = max(float(a.count), 1.0)
-        edges = ("0",) + tuple(f"{b:g}" for b in SIGMA_BUCKETS) + ("inf",)
+        edges = ("0", *(f"{b:g}" for b in SIGMA_BUCKETS), "inf")
         buckets = {
             f"loss_sigma_{edges[i]}_{edges[i + 1]}": (float(s) / float(c) if c > 0 else None)
             for i, (s, c) in enumerate(zip(a.bucket_sum.tolist(), a.bucket_count.tolist(), strict=True))
@@ -226,7 +229,8 @@ class InMemoryBatches:
         if labels is not None and labels.shape[0] != x.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries for {x.shape[0]} images")
         if batch_size > x.shape[0] // world_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0] // world_size} images per rank")
+            raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0] // world_size} images "
+                             "per rank")
         self.x, self.labels, self.batch_size = x, labels, batch_size
         self.seed, self.flip, self.rank, self.world_size = seed, flip, rank, world_size
 
@@ -245,12 +249,14 @@ class InMemoryBatches:
 def fit(trainer: Trainer, batches: Callable[[int], Iterable[Batch]], *, steps: int,
         report_every: int = 100, on_report: Callable[[dict[str, Any]], None] | None = None,
         checkpoint_every: int = 0, on_checkpoint: Callable[[Trainer], None] | None = None,
+        on_step: Callable[[Trainer, Tensor, Tensor | None], None] | None = None,
         progress: bool = False) -> dict[str, Any]:
     """Train until `trainer.position.step == steps`, resuming from the trainer's data position.
 
     `batches(epoch)` yields that epoch's batches in a deterministic order; on resume the first
     `position.batch` batches of the current epoch are skipped, so the run sees the same data it
-    would have seen uninterrupted.
+    would have seen uninterrupted. `on_step(trainer, x, labels)` runs after every step (and after
+    that step's report and checkpoint): progress bars, tracing, fault injection in tests.
     """
     if steps < trainer.position.step:
         raise ValueError(f"steps={steps} is below the step already reached ({trainer.position.step})")
@@ -281,6 +287,8 @@ def fit(trainer: Trainer, batches: Callable[[int], Iterable[Batch]], *, steps: i
             if checkpoint_every and on_checkpoint is not None and (
                     pos.step % checkpoint_every == 0 or pos.step == steps):
                 on_checkpoint(trainer)
+            if on_step is not None:
+                on_step(trainer, x, labels)
             if pos.step >= steps:
                 break
         else:

@@ -1,0 +1,464 @@
+"""Distributed DSM training on Ray Train (V2): the only module that imports `ray.train`.
+
+`train()` validates everything on the driver (preset, options, data manifest, output storage, cluster
+resources), then runs `Trainer`/`fit` from loop.py in each worker of a `TorchTrainer`: DDP over NCCL on
+GPUs, gloo on CPUs, the WebDataset shards split by rank. Rank 0 writes checkpoints with checkpoint.py
+to `{out}/checkpoints/` (model, EMA, optimiser, step, and every rank's data position and RNG states)
+and reports a small pointer checkpoint to Ray, whose run storage is `{out}/ray` on the same object
+store. When a worker dies, Ray restarts the worker group (`FailureConfig(max_failures)`) and every new
+worker resumes from the latest checkpoint under `{out}`, so at most one checkpoint interval is redone.
+
+Reports stay off the hot path. `ray.train.report` is a barrier across workers, and each worker's
+result queue holds one report, which the controller drains once per health-check interval
+(`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, Ray's default 2 s; `train()` sets 0.5 s unless it is set): a
+report blocks for up to that interval only when the previous one has not been collected yet. Reports
+therefore come every `report_every` steps (seconds apart at real batch sizes), never per step, and
+metrics stay on the device between them (loop.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import storage
+from ..config import TrainConfig
+from .checkpoint import (
+    EMA_EXPORT,
+    export_ema,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .loop import Batch, Trainer, fit, unwrap
+
+log = logging.getLogger(__name__)
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HISTORY = "history.json"
+POINTER = "checkpoint.json"
+
+# batches_factory(rank=, world_size=, batch_size=, seed=, device=) -> batches(epoch) -> (x, labels)...
+BatchesFactory = Callable[..., Callable[[int], Iterable[Batch]]]
+StepHook = Callable[[Trainer, Tensor, "Tensor | None"], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What a finished run left behind (URIs) and its last reported metrics."""
+
+    step: int
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    ema: str
+    history: list[dict[str, Any]]
+    ray_path: str | None
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """Everything a worker needs, validated on the driver and shipped in train_loop_config."""
+
+    config: dict[str, Any]
+    data: str | None
+    out: str
+    split: str
+    report_every: int
+    checkpoint_every: int
+    keep_last: int
+    shuffle_buffer: int
+    loader_workers: int
+    flip: bool
+    progress: bool
+    cpus_per_worker: float = 1.0
+    batches: BatchesFactory | None = None
+    on_step: StepHook | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, gpus_per_worker: float = 0.0,
+          cpus_per_worker: float = 1.0, report_every: int = 100, checkpoint_every: int = 1000,
+          keep_last: int = 3, max_failures: int = 3, resume: bool = False, split: str = "train",
+          shuffle_buffer: int = 1000, loader_workers: int = 0, flip: bool = True, progress: bool = True,
+          batches: BatchesFactory | None = None, on_step: StepHook | None = None, run_name: str = "train",
+          health_check_interval_s: float | None = 0.5) -> TrainResult:
+    """Train `config` with `workers` Ray Train workers; checkpoints and EMA export under `out`.
+
+    `data` is a sharded dataset (folder or manifest URI). `batches` replaces the WebDataset loader
+    (synthetic data for benchmarks); `on_step(trainer, x, labels)` runs in every worker after each step.
+    Without `resume`, `out` must hold no checkpoint; with it, the run continues from the latest one.
+    `RAY_ADDRESS` selects a cluster; otherwise a local one starts (and stops at the end).
+    """
+    # Workers run in other folders (and on other nodes): local paths must be absolute.
+    out = _absolute(out)
+    data = _absolute(data) if data is not None else None
+    resume_step = validate_run(
+        config, data=data if batches is None else None, out=out, workers=workers,
+        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, report_every=report_every,
+        checkpoint_every=checkpoint_every, keep_last=keep_last, max_failures=max_failures, resume=resume,
+        split=split, shuffle_buffer=shuffle_buffer, loader_workers=loader_workers,
+        need_data=batches is None)
+    if health_check_interval_s is not None:
+        if not health_check_interval_s > 0:
+            raise ValueError(f"health_check_interval_s must be > 0, got {health_check_interval_s}")
+        # Ray Train V2 forwards this variable from the driver to its controller and workers.
+        os.environ.setdefault(HEALTH_CHECK_ENV, str(health_check_interval_s))
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if resume_step is not None:
+        log.info("resuming %s from step %d", out, resume_step)
+    started = _ensure_ray()
+    try:
+        check_cluster(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+        job = _Job(config=config.to_dict(), data=data, out=out, split=split, report_every=report_every,
+                   checkpoint_every=checkpoint_every, keep_last=keep_last, shuffle_buffer=shuffle_buffer,
+                   loader_workers=loader_workers, flip=flip, progress=progress,
+                   cpus_per_worker=cpus_per_worker, batches=batches,
+                   on_step=on_step, env=storage.worker_env())
+        resources = {"CPU": float(cpus_per_worker)}
+        if gpus_per_worker > 0:
+            resources["GPU"] = float(gpus_per_worker)
+        storage_path, storage_fs = ray_storage(storage.join(out, "ray"))
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"job": job},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=keep_last)),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        seconds = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    history_uri = storage.join(out, HISTORY)
+    history = storage.read_json(history_uri) if storage.exists(history_uri) else []
+    final = list_checkpoints(out)
+    return TrainResult(step=final[-1][0] if final else 0, metrics=dict(result.metrics or {}),
+                       checkpoint=final[-1][1] if final else None, ema=storage.join(out, EMA_EXPORT),
+                       history=history, ray_path=getattr(result, "path", None), seconds=seconds)
+
+
+def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: int, gpus_per_worker: float,
+                 cpus_per_worker: float, report_every: int, checkpoint_every: int, keep_last: int,
+                 max_failures: int, resume: bool, split: str = "train", shuffle_buffer: int = 1000,
+                 loader_workers: int = 0, need_data: bool = True) -> int | None:
+    """Check a run before any worker starts; ValueError naming the field otherwise.
+
+    Returns the step of the checkpoint a resumed run continues from (None for a fresh run).
+    """
+    from ..diffusion.losses import build_loss
+    from ..diffusion.sde import build_sde
+    from ..models import preset_config
+
+    _check_int("workers", workers, 1)
+    _check_int("report_every", report_every, 1)
+    _check_int("checkpoint_every", checkpoint_every, 1)
+    _check_int("keep_last", keep_last, 1)
+    _check_int("max_failures", max_failures, -1)  # -1: retry forever, as Ray's FailureConfig
+    _check_int("shuffle_buffer", shuffle_buffer, 0)
+    _check_int("loader_workers", loader_workers, 0)
+    if not gpus_per_worker >= 0:
+        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    if not cpus_per_worker > 0:
+        raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
+    if config.batch_size % workers:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={workers} "
+                         "(it is the global batch, split evenly across ranks)")
+    net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
+    sde = build_sde(config.sde, **config.sde_kwargs)
+    build_loss(config.loss, sde, **config.loss_kwargs)
+    if need_data:
+        if data is None:
+            raise ValueError("data: a sharded dataset URI is required (folder holding manifest.json)")
+        _check_data(data, split, net_cfg, workers)
+    storage.check_writable(out)
+    if storage.is_local(out):
+        # os.access says yes to root everywhere (even /proc): write a real probe file.
+        probe = storage.join(out, f".write-probe-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.remove(probe)
+        except OSError as e:
+            raise ValueError(f"out={out}: cannot be written ({e})") from e
+    latest = list_checkpoints(out)
+    if latest and not resume:
+        raise ValueError(f"out={out} already holds checkpoints (latest: step {latest[-1][0]}); "
+                         "pass resume=True (--resume) to continue that run, or choose another out")
+    if latest and latest[-1][0] > config.steps:
+        raise ValueError(f"steps={config.steps} is below the step {latest[-1][0]} already reached in {out}")
+    return latest[-1][0] if latest else None
+
+
+def _check_data(data: str, split: str, net_cfg: dict[str, Any], workers: int) -> None:
+    """The dataset's manifest exists, has `split` with a shard per rank, and its images and labels fit
+    the network."""
+    from ..data.manifest import read_manifest, shard_entries
+
+    manifest = read_manifest(data)  # ValueError when there is no manifest
+    shards = shard_entries(manifest, split)  # ValueError when the split is missing
+    if len(shards) < workers:
+        raise ValueError(f"data={data}: split {split!r} has {len(shards)} shards, fewer than "
+                         f"workers={workers} (shards are split by rank): reshard with a smaller --shard-size")
+    shape = _image_shape(manifest.get("image"))
+    want = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
+    if shape is not None and tuple(shape) != want:
+        raise ValueError(f"data={data}: images are {shape[0]}×{shape[1]}×{shape[2]} (C×H×W) but the preset "
+                         f"expects {want[0]}×{want[1]}×{want[2]}")
+    k, n = net_cfg.get("num_classes"), manifest.get("num_classes")
+    if k is not None and n is not None and n > k:
+        raise ValueError(f"data={data}: {n} classes, but the preset's network has num_classes={k}")
+
+
+def _image_shape(image: Any) -> tuple[int, int, int] | None:
+    """(C, H, W) from a manifest's "image" entry, if it says."""
+    if isinstance(image, dict):
+        c = image.get("channels")
+        h = image.get("height", image.get("size"))
+        w = image.get("width", image.get("size"))
+        if c is not None and h is not None and w is not None:
+            return int(c), int(h), int(w)
+        if "shape" in image:
+            image = image["shape"]
+    if isinstance(image, list | tuple) and len(image) == 3:
+        h, w, c = (int(v) for v in image) if int(image[2]) in (1, 3, 4) else (None, None, None)
+        if h is not None:
+            return c, h, w
+    return None
+
+
+def _absolute(uri: str) -> str:
+    return storage.split_scheme(uri)[1] if storage.is_local(uri) else uri
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or int(value) != value or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _ensure_ray() -> bool:
+    """Connect to `RAY_ADDRESS` or start a local cluster; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = storage.worker_env()  # endpoints and regions (no secrets) for workers on other nodes
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+    return True
+
+
+def check_cluster(*, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
+    """ValueError when the connected Ray cluster cannot place `workers` workers of this size."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, per in (("GPU", gpus_per_worker), ("CPU", cpus_per_worker)):
+        need, have = workers * per, float(total.get(name, 0.0))
+        if per > 0 and need > have:
+            raise ValueError(f"{'gpus' if name == 'GPU' else 'cpus'}_per_worker={per:g} × workers={workers} "
+                             f"needs {need:g} {name}s but the Ray cluster has {have:g}")
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: a local path, or the fsspec filesystem of
+    storage.py (same endpoint and options) behind pyarrow, with a path without its scheme."""
+    if storage.is_local(uri):
+        return storage.split_scheme(uri)[1], None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.get_fs(uri)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+# ---- worker ---------------------------------------------------------------------------------------
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, resume, fit, checkpoint, export."""
+    import ray.train
+    import ray.train.torch
+
+    job: _Job = loop_config["job"]
+    for k, v in job.env.items():
+        os.environ.setdefault(k, v)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # Intra-op threads beyond the worker's CPUs oversubscribe the node (10x slower on 2 cores).
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    config = TrainConfig.from_dict(job.config)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1
+
+    def ddp(net: nn.Module) -> nn.Module:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids, output_device=ids[0] if ids else None)
+
+    trainer = Trainer(config, device=device, rank=rank, wrap=ddp if distributed else None,
+                      batch_size_per_rank=config.batch_size // world)
+    history = _resume(trainer, job, rank, world, distributed)
+
+    per_rank = config.batch_size // world
+    if job.batches is not None:
+        batches = job.batches(rank=rank, world_size=world, batch_size=per_rank, seed=config.seed,
+                              device=device)
+    else:
+        batches = _wds_batches(job, rank=rank, world_size=world, batch_size=per_rank, seed=config.seed)
+    reporter = _Reporter(job, trainer, rank=rank, world=world, distributed=distributed, history=history)
+    bar = None
+    if job.progress and rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        bar = tqdm(desc="train", total=config.steps, unit="step")
+        bar.update(trainer.position.step)
+
+    def on_step(tr: Trainer, x: Tensor, labels: Tensor | None) -> None:
+        if bar is not None:
+            bar.update(1)
+        if job.on_step is not None:
+            job.on_step(tr, x, labels)
+
+    fit(trainer, batches, steps=config.steps, report_every=job.report_every, on_report=reporter.on_report,
+        checkpoint_every=job.checkpoint_every, on_checkpoint=reporter.on_checkpoint, on_step=on_step)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        export_ema(storage.join(job.out, EMA_EXPORT), ema=trainer.ema.state_dict(), config=job.config,
+                   step=trainer.position.step, network=getattr(unwrap(trainer.net), "config", None))
+
+
+def _resume(trainer: Trainer, job: _Job, rank: int, world: int, distributed: bool) -> list[dict[str, Any]]:
+    """Load the latest checkpoint under `out` (chosen by rank 0 for all), with this rank's own data
+    position and RNG states; returns the run history up to it."""
+    uri = [latest_checkpoint(job.out) if rank == 0 else None]
+    if distributed:
+        torch.distributed.broadcast_object_list(uri, src=0)
+    if uri[0] is None:
+        return []
+    state = load_checkpoint(uri[0], map_location="cpu")  # RNG states must stay CPU ByteTensors
+    ranks = state.get("ranks")
+    if ranks is not None and len(ranks) == world:
+        state = {**state, **ranks[rank]}
+    trainer.load_state_dict(state)
+    step = trainer.position.step
+    if ranks is not None and len(ranks) != world and rank > 0:
+        # A different world size: rank 0's stream would be shared; give this rank its own noise.
+        trainer.generator.manual_seed(trainer.config.seed * 1000 + rank + 7919 * step)
+    if rank == 0:
+        _say(f"[train] resumed from {uri[0]} at step {step}")
+    history_uri = storage.join(job.out, HISTORY)
+    if rank == 0 and storage.exists(history_uri):
+        return [h for h in storage.read_json(history_uri) if h.get("step", 0) <= step]
+    return []
+
+
+def _wds_batches(job: _Job, *, rank: int, world_size: int, batch_size: int,
+                 seed: int) -> Callable[[int], Iterable[Batch]]:
+    """This rank's share of the WebDataset shards, reshuffled per epoch from (seed, epoch)."""
+    from ..data.loader import make_loader
+
+    def batches(epoch: int) -> Iterable[Batch]:
+        return make_loader(job.data, split=job.split, batch_size=batch_size,
+                           shuffle_buffer=job.shuffle_buffer, seed=seed, epoch=epoch, flip=job.flip,
+                           num_workers=job.loader_workers, rank=rank, world_size=world_size,
+                           drop_last=True)  # equal batches: the EMA step and compiled graphs assume them
+
+    return batches
+
+
+class _Reporter:
+    """Reports every `report_every` steps and checkpoints every `checkpoint_every` steps (all ranks call
+    both: each `ray.train.report` is a barrier); rank 0 writes, prints and keeps the history."""
+
+    def __init__(self, job: _Job, trainer: Trainer, *, rank: int, world: int, distributed: bool,
+                 history: list[dict[str, Any]]) -> None:
+        self.job, self.trainer, self.rank, self.world = job, trainer, rank, world
+        self.distributed, self.history = distributed, history
+        self.pending: dict[str, Any] | None = None
+
+    def _is_checkpoint_step(self, step: int) -> bool:
+        return step % self.job.checkpoint_every == 0 or step == self.trainer.config.steps
+
+    def on_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        metrics = self._global(metrics)
+        if self.rank == 0:
+            self.history.append(metrics)
+            _say(_summary(metrics, self.trainer.config.steps))
+        if self._is_checkpoint_step(metrics["step"]):
+            self.pending = metrics  # reported with the checkpoint, right after this
+            return
+        ray.train.report(metrics)
+
+    def on_checkpoint(self, trainer: Trainer) -> None:
+        import ray.train
+
+        own = {"position": vars(trainer.position).copy(), "rng": trainer.state_dict()["rng"]}
+        ranks = [own]
+        if self.distributed:
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, own)
+        metrics = self.pending or {"step": trainer.position.step}
+        self.pending = None
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        state = trainer.state_dict()
+        state["ranks"] = ranks
+        uri = save_checkpoint(self.job.out, state, keep_last=self.job.keep_last)
+        storage.write_json(storage.join(self.job.out, HISTORY), self.history)
+        metrics = {**metrics, "checkpoint": uri}
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, POINTER), "w") as f:
+                json.dump({"uri": uri, "step": trainer.position.step}, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint-{trainer.position.step:08d}")
+
+    def _global(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Loss averaged and img/s summed over ranks (one small all-reduce per report); the rest is
+        rank 0's (σ-bucket losses) or identical on every rank (grad norm after DDP, lr, step)."""
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if not self.distributed:
+            return metrics
+        t = torch.tensor([metrics["loss"], metrics["img_per_s"]], dtype=torch.float64,
+                         device=self.trainer.device)
+        torch.distributed.all_reduce(t)
+        return {**metrics, "loss": float(t[0]) / self.world, "img_per_s": float(t[1])}
+
+
+def _say(line: str) -> None:
+    # Not print(): Ray Train patches it in workers and the line can come out twice.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _summary(m: dict[str, Any], steps: int) -> str:
+    return (f"[train] step {m['step']}/{steps}  loss {m['loss']:.4f}  grad {m['grad_norm']:.3f}  "
+            f"lr {m['lr']:.2e}  {m['img_per_s']:,.0f} img/s  skipped {m['skipped_steps']}")
+
+
+__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "ray_storage", "train", "validate_run"]
