@@ -98,7 +98,11 @@ def start_local_ray(dashboard: bool = True) -> str | None:
 
     if ray.is_initialized():
         return None
-    ctx = ray.init(address=check_ray_address(), include_dashboard=dashboard, configure_logging=False,
-                   log_to_driver=False)
+    address = check_ray_address()
+    if address is None:
+        # A private local cluster needs no auth token (Ray would otherwise write ~/.ray/auth_token).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # log_to_driver: the training workers' progress lines are the run's progress display.
+    ctx = ray.init(address=address, include_dashboard=dashboard, configure_logging=False)
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url and "://" not in url else url
