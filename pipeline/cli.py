@@ -17,6 +17,7 @@ COMMANDS: tuple[str, ...] = (
     "pipeline.training.cli",
     "pipeline.data.cli",
     "pipeline.evaluation.cli",
+    "pipeline.tuning.cli",
     "flows.cli",
 )
 

@@ -24,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ class _Job:
     cpus_per_worker: float = 1.0
     batches: BatchesFactory | None = None
     on_step: StepHook | None = None
+    evaluate: Callable[[Trainer], dict[str, Any]] | None = None
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -95,12 +96,15 @@ def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, 
           keep_last: int = 3, max_failures: int = 3, resume: bool = False, split: str = "train",
           shuffle_buffer: int = 1000, loader_workers: int = 0, flip: bool = True, progress: bool = True,
           batches: BatchesFactory | None = None, on_step: StepHook | None = None, run_name: str = "train",
-          health_check_interval_s: float | None = 0.5) -> TrainResult:
+          health_check_interval_s: float | None = 0.5, callbacks: Sequence[Any] = (),
+          evaluate: Callable[[Trainer], dict[str, Any]] | None = None) -> TrainResult:
     """Train `config` with `workers` Ray Train workers; checkpoints and EMA export under `out`.
 
     `data` is a sharded dataset (folder or manifest URI). `batches` replaces the WebDataset loader
     (synthetic data for benchmarks); `on_step(trainer, x, labels)` runs in every worker after each step.
     Without `resume`, `out` must hold no checkpoint; with it, the run continues from the latest one.
+    `callbacks` are Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`);
+    `evaluate(trainer) -> metrics` runs on rank 0 at every report and its metrics join that report.
     `RAY_ADDRESS` selects a cluster; otherwise a local one starts (and stops at the end).
     """
     # Workers run in other folders (and on other nodes): local paths must be absolute.
@@ -131,7 +135,7 @@ def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, 
                    checkpoint_every=checkpoint_every, keep_last=keep_last, shuffle_buffer=shuffle_buffer,
                    loader_workers=loader_workers, flip=flip, progress=progress,
                    cpus_per_worker=cpus_per_worker, batches=batches,
-                   on_step=on_step, env=storage.worker_env())
+                   on_step=on_step, evaluate=evaluate, env=storage.worker_env())
         resources = {"CPU": float(cpus_per_worker)}
         if gpus_per_worker > 0:
             resources["GPU"] = float(gpus_per_worker)
@@ -143,7 +147,8 @@ def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, 
                                          resources_per_worker=resources),
             run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=keep_last)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+                                 callbacks=list(callbacks) or None),
         )
         t0 = time.perf_counter()
         result = trainer.fit()
@@ -406,6 +411,9 @@ class _Reporter:
         import ray.train
 
         metrics = self._global(metrics)
+        if self.job.evaluate is not None and self.rank == 0:
+            # Held-out metrics for early stopping (Tune reads rank 0's report only).
+            metrics = {**metrics, **self.job.evaluate(self.trainer)}
         if self.rank == 0:
             self.history.append(metrics)
             _say(_summary(metrics, self.trainer.config.steps))
