@@ -34,13 +34,20 @@ def _task_runs(flow_run_id=None, name_prefix: str | None = None):
     return sorted(runs, key=lambda r: r.expected_start_time)
 
 
-def _logs(flow_run_id) -> str:
+def _logs(flow_run_id, expect: str, timeout_s: float = 30.0) -> str:
+    """The flow run's logs once `expect` shows up in them (Prefect ships logs in the background)."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(entry.message for entry in logs)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        text = "\n".join(entry.message for entry in logs)
+        if expect in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -106,7 +113,7 @@ def test_permanent_failure_fails_the_flow_with_the_error_in_its_logs(harness, tm
     assert state.is_failed()
     run = _task_runs(state.state_details.flow_run_id, "shard")[-1]
     assert run.run_count == 1  # a ValueError is not retried
-    assert "no-such-folder" in _logs(state.state_details.flow_run_id)
+    assert "no-such-folder" in _logs(state.state_details.flow_run_id, "no-such-folder")
     assert not storage.exists(str(tmp_path / "data" / "manifest.json"))
 
 

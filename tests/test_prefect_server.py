@@ -53,8 +53,10 @@ def test_flow_run_and_artifacts_are_visible_through_the_api(prefect_server, tmp_
         FlowFilter,
         FlowFilterName,
     )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    # Explicitly this server: an earlier Prefect test harness in the same process may still be the default.
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         assert str(client.api_url).rstrip("/") == api.rstrip("/")
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["shard"])))
         assert len(runs) == 1 and runs[0].state.name == "Completed"

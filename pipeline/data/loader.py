@@ -14,8 +14,12 @@ process (`pipeline.storage`, one filesystem per process: s3fs is not fork-safe).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
+import multiprocessing
+import multiprocessing.context
+import os
 import random
 from collections.abc import Iterator
 
@@ -165,6 +169,31 @@ class _Stages:
         return x, labels
 
 
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """DataLoader workers start from a forkserver, not a fork of this process: a forked child
+    inherits the parent's exit hooks and client state (Prefect's log service fails its exit hook in
+    a fork and the worker dies with code 1; s3fs refuses to cross a fork). The server preloads the
+    heavy imports once, so each worker still starts in well under a second."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "webdataset", "pipeline.data.loader"])
+    return ctx
+
+
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCSFS_", "AZURE_", "FSSPEC_")
+
+
+def _storage_env() -> dict[str, str]:
+    """This process's storage settings now: a forkserver child would otherwise see the environment
+    the server started with. They travel over a local pipe to our own worker, never to storage or logs."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
+def _set_env(env: dict[str, str], worker_id: int) -> None:
+    for k in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+
+
 class Loader:
     """Batches (x float32 [B, C, H, W] in [-1, 1], labels long [B]) of one split, for one rank.
 
@@ -277,6 +306,8 @@ class Loader:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            multiprocessing_context=_worker_context() if workers else None,
+            worker_init_fn=functools.partial(_set_env, _storage_env()) if workers else None,
         )
         yield from loader
 
