@@ -23,6 +23,7 @@ from pipeline.config import TrainConfig
 from .tasks import (
     classifier_task,
     fid_task,
+    guidance_task,
     likelihood_task,
     sample_task,
     shard_task,
@@ -85,14 +86,27 @@ def evaluate_flow(checkpoint: str, data: str, root: str, n_samples: int = 500, s
     return {"samples": samples, "fid": fid, "likelihood": like, "classifier": classifier}
 
 
+@flow(name="tune")
+def tune_flow(checkpoint: str, data: str, classifier: str, out: str, weights: list[float] | None = None,
+              steps: int = 16, n: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Guidance search on a trained conditional checkpoint (no retraining): FID and precision versus w.
+    The schedule search retrains per trial: `diffusion-pipeline tune schedules`."""
+    weights = [0.0, 0.5, 1.0, 2.0, 4.0] if weights is None else weights
+    return guidance_task(checkpoint, data, classifier, out, weights, steps, n, seed)
+
+
 @flow(name="diffusion-pipeline", log_prints=True)
 def diffusion_pipeline(source: str = "digits", root: str = "artifacts/run", preset: str = "tiny-digits",
                        train_steps: int = 1500, batch_size: int = 128, workers: int = 1,
                        gpus_per_worker: float = 0.0, checkpoint_every: int = 500, n_samples: int = 500,
                        sampler: str = "heun", sample_steps: int = 32, guidance: float = 1.0,
-                       likelihood_samples: int = 128, seed: int = 0,
+                       likelihood_samples: int = 128, guidance_sweep: list[float] | None = None,
+                       sweep_samples: int = 200, sweep_steps: int = 12, seed: int = 0,
                        ray_dashboard: str | None = None) -> dict[str, Any]:
-    """shard → train → sample → FID → bits/dim and ELBO, every artifact under `root`."""
+    """shard → train → sample → FID → bits/dim and ELBO → guidance sweep, every artifact under `root`.
+
+    guidance_sweep: the w values to sweep (default 0, 0.5, 1, 2, 4; [] skips the sweep); it needs a
+    conditional model and the domain classifier."""
     logger = get_run_logger()
     if ray_dashboard:
         create_link_artifact(link=ray_dashboard, link_text="Ray dashboard", key="ray-dashboard")
@@ -106,13 +120,24 @@ def diffusion_pipeline(source: str = "digits", root: str = "artifacts/run", pres
                               sample_steps=sample_steps, guidance=guidance, seed=seed,
                               domain_classifier=data["levels"] != 256 or data["image_shape"][0] < 32,
                               likelihood_samples=likelihood_samples)
-    summary = {"root": root, "data": data, "train": trained, "evaluate": evaluated}
+    weights = [0.0, 0.5, 1.0, 2.0, 4.0] if guidance_sweep is None else list(guidance_sweep)
+    tuned = None
+    if weights and evaluated["classifier"] and config_is_conditional(config):
+        tuned = tune_flow(trained["ema"], data["data"], evaluated["classifier"], storage.join(root, "tune"),
+                          weights, sweep_steps, sweep_samples, seed)
+    summary = {"root": root, "data": data, "train": trained, "evaluate": evaluated, "tune": tuned}
     report = summary_markdown(summary)
     storage.write_bytes(storage.join(root, "report.md"), report.encode())
     storage.write_json(storage.join(root, "summary.json"), summary)
     create_markdown_artifact(report, key="pipeline-report", description="the run at a glance")
     logger.info("report: %s", storage.join(root, "report.md"))
     return summary
+
+
+def config_is_conditional(config: dict[str, Any]) -> bool:
+    from pipeline.models import preset_config
+
+    return preset_config(config["preset"], **config.get("model_overrides", {})).get("num_classes") is not None
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
@@ -132,6 +157,10 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"| bits/dim, ODE | {like['bpd_ode']:.4f} ± {like['bpd_ode_stderr']:.4f} (N={like['n']}, "
         f"NFE {like['nfe_mean']:.0f}) |",
         f"| bits/dim, ELBO | {like['bpd_elbo']:.4f} ± {like['bpd_elbo_stderr']:.4f} |",
-        "",
     ]
+    if s.get("tune"):
+        best = s["tune"]["best"]
+        curve = ", ".join(f"w={r['w']:g}: {r['fid']:.2f}" for r in s["tune"]["rows"] if r["fid"] is not None)
+        lines.append(f"| guidance sweep | best w={best['w']:g} (FID {best['fid']:.3f}); FID by w: {curve} |")
+    lines.append("")
     return "\n".join(lines)

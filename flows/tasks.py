@@ -126,3 +126,18 @@ def likelihood_task(checkpoint: str, data: str, out: str, max_samples: int = 256
     create_markdown_artifact(storage.read_bytes(storage.join(out, "likelihood.md")).decode(),
                              key="likelihood", description="bits/dim: probability-flow ODE and ELBO")
     return res
+
+
+@task(name="guidance-sweep", **RETRY)
+def guidance_task(checkpoint: str, data: str, classifier: str, out: str, weights: list[float],
+                  steps: int = 16, n: int = 200, seed: int = 0) -> dict[str, Any]:
+    res = stages.guidance_stage(checkpoint, data, classifier, out, weights=tuple(weights), steps=(steps,),
+                                n=n, seed=seed)
+    lines = ["### Guidance sweep (FID and classifier precision versus w)", "",
+             "| sampler | steps | w | FID | precision | NFE |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['fid']:.3f} | {r['precision']:.3f} | "
+              f"{r['nfe']} |" for r in res["rows"] if r["fid"] is not None]
+    lines += ["", f"best w = {res['best']['w']:g} (FID {res['best']['fid']:.3f})"]
+    create_markdown_artifact("\n".join(lines), key="guidance-sweep", description="FID versus w")
+    _link(res["report"]["plot"], "FID versus w (PNG)", "fid-vs-w")
+    return res

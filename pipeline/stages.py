@@ -156,3 +156,23 @@ def likelihood_markdown(result: dict[str, Any]) -> str:
         f"`{ck['sha256'][:16]}…`. Settings: `{ode['settings']}`.",
         "",
     ])
+
+
+def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
+                   weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0),
+                   samplers: tuple[str, ...] = ("heun",), steps: tuple[int, ...] = (16,), n: int = 200,
+                   seed: int = 0) -> dict[str, Any]:
+    """Ray Tune sweep of the guidance weight w (× sampler × NFE) scored by FID and classifier precision;
+    an interrupted or finished sweep under `out` is restored, not redrawn."""
+    from .tuning.guidance import SWEEP_FILE, restore_guidance, sweep_guidance
+
+    if storage.exists(storage.join(out, SWEEP_FILE)):
+        res = restore_guidance(out)
+    else:
+        res = sweep_guidance(checkpoint=checkpoint, data=data, classifier=classifier, out=out,
+                             weights=tuple(weights), samplers=tuple(samplers), steps=tuple(steps), n=n,
+                             seed=seed)
+    overall = res["best"]["overall"]
+    return {"best": overall, "rows": [{k: r[k] for k in ("sampler", "steps", "w", "fid", "precision", "nfe")}
+                                      for r in res["rows"]],
+            "report": res["report"], "complete": res["complete"]}

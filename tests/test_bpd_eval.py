@@ -22,14 +22,6 @@ F64 = torch.float64
 FAST = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mixture(d: int = 3) -> GaussianMixture:
     g = torch.Generator().manual_seed(0)
     means = 0.3 * torch.randn(2, d, generator=g, dtype=F64)

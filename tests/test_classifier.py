@@ -20,15 +20,6 @@ from pipeline.evaluation.fid import feature_stats, frechet_distance, reference_s
 LEVELS = 17
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small networks: one thread is as fast and does not stall when the other core is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory):
     from pipeline.data.shard import shard_dataset

@@ -20,14 +20,6 @@ from pipeline.diffusion.toy import GaussianMixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian(d: int = 4, seed: int = 0) -> tuple[GaussianMixture, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     M = 0.3 * torch.randn(d, d, generator=g, dtype=F64)

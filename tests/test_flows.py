@@ -56,7 +56,7 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
 
     root = f"{s3_bucket}/run"
     kwargs = dict(root=root, train_steps=12, batch_size=32, checkpoint_every=6, n_samples=40, sample_steps=6,
-                  likelihood_samples=8)
+                  likelihood_samples=8, guidance_sweep=[0.0, 2.0], sweep_samples=20, sweep_steps=4)
     state = diffusion_pipeline(**kwargs, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
@@ -64,7 +64,7 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     for rel in ("data/manifest.json", "train/ema-final.pt", "train/checkpoints/step-00000012.pt",
                 "train/history.json", "classifier/classifier.json", "samples/manifest.json",
                 "samples/grid.png", "eval/eval-domain-classifier.json", "eval/likelihood.json",
-                "report.md", "summary.json"):
+                "tune/report.md", "tune/fid_vs_w.png", "report.md", "summary.json"):
         assert storage.exists(storage.join(root, rel)), rel
     assert storage.listdir(storage.join(root, "data"))  # shards landed in the bucket
     assert summary["train"]["step"] == 12
@@ -74,6 +74,9 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     like = summary["evaluate"]["likelihood"]
     # The ELBO is a bound: not better than the ODE likelihood by more than Monte-Carlo error.
     assert like["bpd_elbo"] + 4 * like["bpd_elbo_stderr"] + 4 * like["bpd_ode_stderr"] >= like["bpd_ode"]
+    tune = summary["tune"]
+    assert sorted(r["w"] for r in tune["rows"]) == [0.0, 2.0] and tune["complete"]
+    assert tune["best"]["w"] in (0.0, 2.0)
 
     # The second run answers sharding from Prefect's cache (and training from its finished checkpoint).
     state2 = diffusion_pipeline(**kwargs, return_state=True)

@@ -23,15 +23,6 @@ NULL = MIX.K  # the "no class" token of the toy network below
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": lambda: VESDE(sigma_min=0.01, sigma_max=20.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 2×2 linear algebra is ~10× slower with two threads on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _inputs(sde, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = 0.02 + 0.96 * torch.rand(n, generator=g, dtype=F64)

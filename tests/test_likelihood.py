@@ -20,15 +20,6 @@ from pipeline.diffusion.toy import GaussianMixture
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny float64 ops run several times faster on one thread than on two contended ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mixture(d: int = 8, seed: int = 0) -> GaussianMixture:
     g = torch.Generator().manual_seed(seed)
     means = 0.2 * torch.randn(3, d, generator=g, dtype=F64)

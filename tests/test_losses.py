@@ -53,16 +53,6 @@ class Recorder:
         return self.net(x, noise_labels, class_labels)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small MLPs and 2-D data gain nothing from intra-op threads; on a busy 2-core CPU the threads only
-    # spin (measured: 10-30x slower wall time under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

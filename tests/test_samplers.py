@@ -42,15 +42,6 @@ MIX = GaussianMixture(
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": lambda: VESDE(sigma_min=0.01, sigma_max=20.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batched 2×2 linear algebra is ~10× slower with two threads on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _assign(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, MIX.means).argmin(1)
 

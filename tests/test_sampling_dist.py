@@ -26,16 +26,6 @@ from pipeline.training.checkpoint import export_ema
 LEVELS = 17
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: one thread is as fast, and it does not stall on a busy 2-core machine
-    # (an OpenMP team of 2 spin-waits when the other core is taken). Ray workers run one thread too.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(**kw) -> TrainConfig:
     return TrainConfig(preset="tiny-digits", sde="vp", loss="edm", loss_kwargs={"sigma_data": 0.5}, **kw)
 

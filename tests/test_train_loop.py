@@ -9,15 +9,6 @@ from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.training.loop import InMemoryBatches, Trainer, fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on a shared 2-core machine run these small convolutions ~10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """scikit-learn's 1,797 8×8 digits (values 0..16) as x = 2v/16 − 1 in [-1, 1], and labels."""
