@@ -93,6 +93,13 @@ class ScheduleSearch:
     max_failures: int = 1
     name: str = "schedules"
 
+    def run_options(self) -> dict[str, Any]:
+        """The `train` / `validate_run` options every trial shares (trials resume their own folder)."""
+        return {"workers": self.workers, "gpus_per_worker": self.gpus_per_worker,
+                "cpus_per_worker": self.cpus_per_worker, "report_every": self.report_every,
+                "checkpoint_every": self.checkpoint_every or self.report_every, "keep_last": 2,
+                "max_failures": self.max_failures, "resume": True, "shuffle_buffer": self.shuffle_buffer}
+
     @property
     def mode(self) -> str:
         return METRIC_MODES[self.metric]
@@ -174,20 +181,7 @@ def validate_search(search: ScheduleSearch) -> tuple[dict[str, spaces.Dim], Trai
         load_classifier(search.classifier)  # ValueError when missing or corrupt
         core.allowed_options(search.fid_sampler)  # ValueError for an unknown sampler
     corner = next(spaces.corner_points(space))
-    validate_run(
-        spaces.trial_config(corner, base),
-        data=search.data,
-        out=search.out,
-        workers=search.workers,
-        gpus_per_worker=search.gpus_per_worker,
-        cpus_per_worker=search.cpus_per_worker,
-        report_every=search.report_every,
-        checkpoint_every=search.checkpoint_every or search.report_every,
-        keep_last=2,
-        max_failures=search.max_failures,
-        resume=True,
-        shuffle_buffer=search.shuffle_buffer,
-    )
+    validate_run(spaces.trial_config(corner, base), data=search.data, out=search.out, **search.run_options())
     if {"heldout_loss", "bpd"} & set(search.evaluations):
         from ..data.manifest import read_manifest, shard_entries
 
@@ -480,15 +474,7 @@ def schedule_trial(config: dict[str, Any], *, search: dict[str, Any]) -> None:
         cfg,
         data=s.data,
         out=out,
-        workers=s.workers,
-        gpus_per_worker=s.gpus_per_worker,
-        cpus_per_worker=s.cpus_per_worker,
-        report_every=s.report_every,
-        checkpoint_every=s.checkpoint_every or s.report_every,
-        keep_last=2,
-        max_failures=s.max_failures,
-        resume=True,
-        shuffle_buffer=s.shuffle_buffer,
+        **s.run_options(),
         flip=s.flip,
         progress=False,
         run_name=f"train-{trial_id}",
