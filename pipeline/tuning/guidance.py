@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from .. import storage
+from .schedules import TUNE_DIR, _absolute, _experiment
 
 SWEEP_FILE = "sweep.json"
 POINTS_DIR = "points"
-TUNE_DIR = "tune"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,18 +174,11 @@ def restore_guidance(out: str) -> dict[str, Any]:
     """Finish an interrupted sweep from its storage; finished points are not redrawn."""
     from ray import tune
 
-    from .schedules import _connect
+    from .schedules import _connect, _restorable
 
-    out = _absolute(out)
-    uri = storage.join(out, SWEEP_FILE)
-    if not storage.exists(uri):
-        raise ValueError(f"out={out}: no {SWEEP_FILE}; is it the folder of a guidance sweep?")
-    sweep = GuidanceSweep.from_dict(storage.read_json(uri))
-    path, fs = _experiment(sweep)
+    sweep, path, fs = _restorable(_absolute(out), SWEEP_FILE, GuidanceSweep.from_dict, "guidance sweep")
     started = _connect()
     try:
-        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise ValueError(f"out={out}: no restorable Tune experiment at {path}")
         tuner = tune.Tuner.restore(
             path,
             trainable=_trainable(sweep),
@@ -201,10 +194,6 @@ def restore_guidance(out: str) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _absolute(uri: str) -> str:
-    return storage.split_scheme(uri)[1] if storage.is_local(uri) else uri
-
-
 def _reference(sweep: GuidanceSweep, device: str = "cpu") -> tuple[Any, Any]:
     from ..evaluation.features import build_extractor
     from ..evaluation.fid import reference_stats
@@ -212,13 +201,6 @@ def _reference(sweep: GuidanceSweep, device: str = "cpu") -> tuple[Any, Any]:
     extractor = build_extractor("domain", weights=sweep.classifier, device=device)
     cache = storage.join(sweep.out, "fid-stats")
     return extractor, reference_stats(sweep.data, extractor, split=sweep.reference_split, cache_uri=cache)
-
-
-def _experiment(sweep: GuidanceSweep) -> tuple[str, Any]:
-    from ..training.ray_train import ray_storage
-
-    storage_path, fs = ray_storage(storage.join(sweep.out, TUNE_DIR))
-    return f"{storage_path.rstrip('/')}/{sweep.name}", fs
 
 
 def _trainable(sweep: GuidanceSweep) -> Any:

@@ -29,7 +29,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -592,16 +592,9 @@ def restore_schedules(out: str, *, callbacks: Sequence[Any] = ()) -> ScheduleSea
     last Train checkpoint), errored ones restart, finished ones are kept as they are."""
     from ray import tune
 
-    out = _absolute(out)
-    uri = storage.join(out, SEARCH_FILE)
-    if not storage.exists(uri):
-        raise ValueError(f"out={out}: no {SEARCH_FILE}; is it the folder of a schedule search?")
-    search = ScheduleSearch.from_dict(storage.read_json(uri))
-    path, fs = _experiment(search)
+    search, path, fs = _restorable(_absolute(out), SEARCH_FILE, ScheduleSearch.from_dict, "schedule search")
     started = _connect()
     try:
-        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise ValueError(f"out={out}: no restorable Tune experiment at {path}")
         if callbacks:
             raise ValueError("callbacks cannot change on restore: Tune restores the experiment's own")
         tuner = tune.Tuner.restore(
@@ -651,11 +644,27 @@ def _prepare_reference(search: ScheduleSearch) -> None:
     reference_stats(search.data, extractor, split="train", cache_uri=storage.join(search.out, STATS_DIR))
 
 
-def _experiment(search: ScheduleSearch) -> tuple[str, Any]:
+def _experiment(settings: Any) -> tuple[str, Any]:
+    """Tune's experiment folder (and filesystem) of a search or sweep: `{out}/tune/{name}`."""
     from ..training.ray_train import ray_storage
 
-    storage_path, fs = ray_storage(storage.join(search.out, TUNE_DIR))
-    return f"{storage_path.rstrip('/')}/{search.name}", fs
+    storage_path, fs = ray_storage(storage.join(settings.out, TUNE_DIR))
+    return f"{storage_path.rstrip('/')}/{settings.name}", fs
+
+
+def _restorable(out: str, settings_file: str, from_dict: Callable[[dict], Any],
+                kind: str) -> tuple[Any, str, Any]:
+    """The saved settings of the search or sweep under `out`, and its restorable Tune experiment."""
+    from ray import tune
+
+    uri = storage.join(out, settings_file)
+    if not storage.exists(uri):
+        raise ValueError(f"out={out}: no {settings_file}; is it the folder of a {kind}?")
+    settings = from_dict(storage.read_json(uri))
+    path, fs = _experiment(settings)
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+        raise ValueError(f"out={out}: no restorable Tune experiment at {path}")
+    return settings, path, fs
 
 
 def _trainable(search: ScheduleSearch) -> Any:
