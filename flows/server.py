@@ -4,14 +4,12 @@ configured addresses, and say exactly what to set when something is not there.""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 LOCAL_HOST, LOCAL_PORT = "127.0.0.1", 4200
 _started: list[subprocess.Popen] = []  # servers this process started (stop_started_servers ends them)
@@ -73,36 +71,11 @@ def stop_started_servers(timeout_s: float = 20.0) -> None:
             proc.kill()
 
 
-def check_ray_address() -> str | None:
-    """RAY_ADDRESS if it is reachable; None when unset (a local Ray starts)."""
-    address = os.environ.get("RAY_ADDRESS")
-    if not address or address == "local":
-        return None
-    if address == "auto":
-        return address  # ray.init resolves it and names the problem itself
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return address
-    except OSError as e:
-        raise ValueError(
-            f"RAY_ADDRESS={address} is unreachable ({host}:{port}: {e}). Start the cluster "
-            "(`ray up infra/ray/cluster-aws-gpu.yaml` or `kubectl apply -f infra/k8s/raycluster.yaml`), fix "
-            "RAY_ADDRESS, or unset it to start a local Ray.") from e
-
-
 def start_local_ray(dashboard: bool = True) -> str | None:
-    """Start (or join) Ray for the whole run, so every stage shares it; returns the dashboard URL."""
-    import ray
+    """Join `RAY_ADDRESS` (checked within a timeout) or start a local Ray on 127.0.0.1 for the whole run,
+    so every stage shares it; returns the dashboard URL."""
+    from pipeline import raykit
 
-    if ray.is_initialized():
+    if not raykit.connect(dashboard=dashboard):
         return None
-    address = check_ray_address()
-    if address is None:
-        # A private local cluster needs no auth token (Ray would otherwise write ~/.ray/auth_token).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # log_to_driver: the training workers' progress lines are the run's progress display.
-    ctx = ray.init(address=address, include_dashboard=dashboard, configure_logging=False)
-    url = getattr(ctx, "dashboard_url", None)
-    return f"http://{url}" if url and "://" not in url else url
+    return raykit.dashboard_url()

@@ -7,6 +7,7 @@ is what checkpoints and reports record.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
+    # Random horizontal flips of the training images. Off by default, as EDM's opt-in --xflip: a
+    # mirrored digit or letter is not that class. The data's manifest says when mirroring is unsafe.
+    xflip: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("batch_size", self.batch_size)
@@ -75,6 +79,47 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How a training run is executed (not what it learns): workers, cadence, resume, data feed.
+
+    One value for the options `train`, `validate_run`, the schedule search and the CLI share."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    report_every: int = 100
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    max_failures: int = 3  # -1: retry forever, as Ray's FailureConfig
+    resume: bool = False
+    split: str = "train"
+    shuffle_buffer: int = 1000
+    loader_workers: int = 0
+    progress: bool = True
+    health_check_interval_s: float | None = 0.5
+
+    def validate(self) -> None:
+        """ValueError naming the field."""
+        for name, low in (("workers", 1), ("report_every", 1), ("checkpoint_every", 1), ("keep_last", 1),
+                          ("max_failures", -1), ("shuffle_buffer", 0), ("loader_workers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not self.gpus_per_worker >= 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.health_check_interval_s is not None and not self.health_check_interval_s > 0:
+            raise ValueError(f"health_check_interval_s must be > 0, got {self.health_check_interval_s}")
+
+    def replace(self, **changes: Any) -> RunOptions:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -59,7 +59,7 @@ def run_demo(out: str | Path, *, steps: int = 3000, seed: int = 0, guidance: flo
     torch.set_num_threads(max(1, torch.get_num_threads()))
     x, labels = load_digits_tensor()
     config = demo_config(steps, seed)
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     final = fit(trainer, InMemoryBatches(x, labels, config.batch_size, seed=seed), steps=steps,

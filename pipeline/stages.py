@@ -2,7 +2,8 @@
 
 This is what the Prefect flows (flows/) and `diffusion-pipeline run` call: a flow task is one call
 here, so the whole pipeline also runs, and is tested, without Prefect. Every stage writes its
-artifacts under the URI it is given, and a rerun skips or resumes what is already complete.
+artifacts under the URI it is given, and a rerun skips or resumes what is already complete. A stage's
+result carries a "markdown" entry: what the flows publish to the UI for it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from . import storage
-from .config import TrainConfig
+from . import reports, storage
+from .config import RunOptions, TrainConfig
+from .layout import RunLayout
+from .recipes import GUIDANCE_WEIGHTS
 
 EXTRACTORS = ("auto", "domain", "inception")
 
@@ -24,10 +27,16 @@ def shard_stage(source: str, data: str, *, shard_size: int = 1000, test_fraction
     report = shard_dataset(source, data, shard_size=shard_size, test_fraction=test_fraction, seed=seed,
                            parallel=parallel, progress=progress)
     m = report.manifest
-    return {"data": data.rstrip("/"), "manifest": report.manifest_uri,
-            "manifest_sha256": manifest_sha256(data),
-            "counts": m["counts"], "levels": m["levels"], "image_shape": m["image"]["shape"],
-            "num_classes": m.get("num_classes"), "written": len(report.written), "kept": len(report.kept)}
+    res = {"data": data.rstrip("/"), "manifest": report.manifest_uri,
+           "manifest_sha256": manifest_sha256(data), "counts": m["counts"], "levels": m["levels"],
+           "image_shape": m["image"]["shape"],
+           "num_classes": m.get("num_classes"), "written": len(report.written), "kept": len(report.kept)}
+    res["markdown"] = f"### Dataset `{data}`\n\n" + reports.table([
+        ("source", source), ("train images", res["counts"]["train"]), ("test images", res["counts"]["test"]),
+        ("image shape", "×".join(map(str, res["image_shape"]))), ("levels", res["levels"]),
+        ("shards written / kept", f"{res['written']} / {res['kept']}"),
+        ("manifest sha256", res["manifest_sha256"][:16] + "…")])
+    return res
 
 
 def manifest_sha256(data: str) -> str:
@@ -36,30 +45,37 @@ def manifest_sha256(data: str) -> str:
     return hashlib.sha256(storage.read_bytes(manifest_uri(data))).hexdigest()
 
 
-def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *, workers: int = 1,
-                gpus_per_worker: float = 0.0, report_every: int = 100, checkpoint_every: int = 500,
-                progress: bool = False) -> dict[str, Any]:
+def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *,
+                options: RunOptions | None = None) -> dict[str, Any]:
     """Ray Train DSM training; resumes from `out`'s latest checkpoint, and returns at once when the run
     already reached `config.steps`."""
     from .training.checkpoint import EMA_EXPORT, list_checkpoints
     from .training.ray_train import train
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    options = options or RunOptions(progress=False)
     done = list_checkpoints(out)
     ema_uri = storage.join(out, EMA_EXPORT)
     if done and done[-1][0] >= cfg.steps and storage.exists(ema_uri):
-        return {"ema": ema_uri, "checkpoint": done[-1][1], "step": done[-1][0], "skipped": True,
-                "metrics": _last_history(out)}
-    result = train(cfg, data=data, out=out, workers=workers, gpus_per_worker=gpus_per_worker,
-                   report_every=report_every, checkpoint_every=checkpoint_every, resume=bool(done),
-                   progress=progress)
-    return {"ema": result.ema, "checkpoint": result.checkpoint, "step": result.step, "skipped": False,
-            "metrics": result.history[-1] if result.history else result.metrics, "seconds": result.seconds,
-            "ray_path": result.ray_path}
+        res = {"ema": ema_uri, "checkpoint": done[-1][1], "step": done[-1][0], "skipped": True,
+               "metrics": _last_history(out)}
+    else:
+        result = train(cfg, data=data, out=out, options=options.replace(resume=bool(done)))
+        res = {"ema": result.ema, "checkpoint": result.checkpoint, "step": result.step, "skipped": False,
+               "metrics": result.history[-1] if result.history else result.metrics,
+               "seconds": result.seconds, "ray_path": result.ray_path}
+    m = res.get("metrics") or {}
+    rows = [("preset", cfg.preset), ("loss", cfg.loss), ("sde", cfg.sde), ("step", res["step"]),
+            ("workers × GPUs", f"{options.workers} × {options.gpus_per_worker:g}")]
+    rows += [(k, m[k]) for k in ("loss", "grad_norm", "lr", "img_per_s", "skipped_steps") if k in m]
+    if res["skipped"]:
+        rows.append(("note", "already trained to this step: skipped"))
+    res["markdown"] = "### Training\n\n" + reports.table(rows)
+    return res
 
 
 def _last_history(out: str) -> dict[str, Any]:
-    uri = storage.join(out, "history.json")
+    uri = RunLayout.history(out)
     hist = storage.read_json(uri) if storage.exists(uri) else []
     return hist[-1] if hist else {}
 
@@ -67,32 +83,41 @@ def _last_history(out: str) -> dict[str, Any]:
 def classifier_stage(data: str, out: str, *, epochs: int = 20, seed: int = 0) -> dict[str, Any]:
     """The domain classifier (FID features for data where Inception says little); kept if already trained
     on this dataset."""
-    from .evaluation.classifier import train_domain_classifier
+    from .evaluation.classifier import META_FILE, train_domain_classifier
 
-    meta_uri = storage.join(out, "classifier.json")
+    meta_uri = storage.join(out, META_FILE)
+    res = None
     if storage.exists(meta_uri):
         from .data.manifest import read_manifest
 
         meta = storage.read_json(meta_uri)
         fingerprint = read_manifest(data).get("source", {}).get("fingerprint")
         if meta.get("source", {}) == {"data": data, "fingerprint": fingerprint}:
-            return {"classifier": out, "test_accuracy": meta["test_accuracy"], "skipped": True}
-    metrics = train_domain_classifier(data, out, epochs=epochs, seed=seed)
-    return {"classifier": out, "test_accuracy": metrics["test_accuracy"], "skipped": False}
+            res = {"classifier": out, "test_accuracy": meta["test_accuracy"], "skipped": True}
+    if res is None:
+        metrics = train_domain_classifier(data, out, epochs=epochs, seed=seed)
+        res = {"classifier": out, "test_accuracy": metrics["test_accuracy"], "skipped": False}
+    res["markdown"] = "### Domain classifier\n\n" + reports.table([("test accuracy", res["test_accuracy"])])
+    return res
 
 
 def sample_stage(checkpoint: str, out: str, *, n: int, method: str = "heun", steps: int = 32,
                  guidance: float = 0.0, seed: int = 0, batch_size: int = 256, workers: int = 0,
                  levels: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """N samples as shards + grid.png + a manifest recording every seed."""
-    from .evaluation.sampling import run_sampling
+    from .evaluation.generate import SamplingPlan
+    from .evaluation.sampling import Execution, run_sampling
 
-    m = run_sampling(checkpoint, out, n=n, method=method, steps=steps, guidance=guidance, seed=seed,
-                     batch_size=batch_size, workers=workers, levels=levels, device=device)
+    plan = SamplingPlan(n=n, method=method, steps=steps, guidance=guidance, base_seed=seed,
+                        batch_size=batch_size, levels=levels or 256)
+    m = run_sampling(checkpoint, out, plan, execution=Execution(workers=workers, device=device))
     rec = m["sampling"]
-    return {"samples": out.rstrip("/"), "grid": storage.join(out, "grid.png"), "n": m["counts"]["samples"],
-            "method": rec["sampler"], "steps": rec["steps"], "nfe_per_sample": rec["nfe_per_sample"]["mean"],
-            "guidance_w": rec["guidance_w"], "seconds": rec["seconds"]}
+    res = {"samples": out.rstrip("/"), "grid": RunLayout.grid(out), "n": m["counts"]["samples"],
+           "method": rec["sampler"], "steps": rec["steps"], "nfe_per_sample": rec["nfe_per_sample"]["mean"],
+           "guidance_w": rec["guidance_w"], "seconds": rec["seconds"]}
+    res["markdown"] = "### Samples\n\n" + reports.table(
+        [(k, res[k]) for k in ("n", "method", "steps", "nfe_per_sample", "guidance_w", "seconds")])
+    return res
 
 
 def fid_stage(samples: str, data: str, out: str, *, extractor: str = "auto", classifier: str | None = None,
@@ -101,7 +126,7 @@ def fid_stage(samples: str, data: str, out: str, *, extractor: str = "auto", cla
 
     extractor="auto" uses the domain classifier when one is given and Inception otherwise."""
     from .evaluation.features import build_extractor
-    from .evaluation.report import evaluate_samples
+    from .evaluation.report import evaluate_samples, markdown_report
 
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
@@ -112,56 +137,36 @@ def fid_stage(samples: str, data: str, out: str, *, extractor: str = "auto", cla
         raise ValueError("extractor 'domain' needs classifier= the domain classifier's folder URI")
     res = evaluate_samples(samples, data, build_extractor(extractor, weights=weights), out_uri=out,
                            kid_subset_size=kid_subset_size)
-    return res
+    return {**{k: res[k] for k in ("fid", "kid", "floor", "n", "report_uris") if k in res},
+            "markdown": markdown_report(res)}
 
 
 def likelihood_stage(checkpoint: str, data: str, out: str, *, max_samples: int = 256, batch_size: int = 64,
                      rtol: float = 1e-5, atol: float = 1e-5, elbo_samples: int = 16, seed: int = 0,
-                     split: str = "test", progress: bool = False) -> dict[str, Any]:
+                     split: str = "test") -> dict[str, Any]:
     """Bits/dim through the probability-flow ODE and the continuous ELBO on `data`'s `split`,
     written to `out`/likelihood.json and .md."""
     from .evaluation.bpd import evaluate_bpd, evaluate_elbo
-    from .evaluation.sampling import load_model_for_sampling
+    from .training.checkpoint import load_model
 
-    result_uri = storage.join(out, "likelihood.json")
-    model = load_model_for_sampling(checkpoint)
+    model = load_model(checkpoint)
     # Unconditional likelihood: a conditional model is evaluated with the null label (its p(x)).
     score_fn = model.score_fn(None)
-    common = {"batch_size": batch_size, "seed": seed, "split": split, "max_samples": max_samples,
-              "progress": progress}
+    common = {"batch_size": batch_size, "seed": seed, "split": split, "max_samples": max_samples}
     ode = evaluate_bpd(score_fn, model.sde, data, rtol=rtol, atol=atol, **common)
     elbo = evaluate_elbo(score_fn, model.sde, data, kind="continuous", n_samples=elbo_samples, **common)
     result = {"checkpoint": model.describe(), "data": data, "split": split, "ode": ode, "elbo": elbo}
-    storage.write_json(result_uri, result)
-    storage.write_bytes(storage.join(out, "likelihood.md"), likelihood_markdown(result).encode())
-    return {"report": result_uri, "bpd_ode": ode["bpd"], "bpd_ode_stderr": ode["bpd_stderr"],
+    markdown = reports.likelihood_markdown(result)
+    storage.write_json(RunLayout.likelihood(out), result)
+    storage.write_bytes(RunLayout.likelihood(out, "md"), markdown.encode())
+    return {"report": RunLayout.likelihood(out), "bpd_ode": ode["bpd"], "bpd_ode_stderr": ode["bpd_stderr"],
             "bpd_elbo": elbo["bpd"], "bpd_elbo_stderr": elbo["bpd_stderr"], "nfe_mean": ode["nfe_mean"],
-            "n": ode["n"]}
-
-
-def likelihood_markdown(result: dict[str, Any]) -> str:
-    ode, elbo = result["ode"], result["elbo"]
-    ck = result["checkpoint"]
-    return "\n".join([
-        f"## Likelihood of `{ck['uri']}` (step {ck['step']}) on `{result['data']}` ({result['split']})",
-        "",
-        "| estimate | bits/dim | ± s.e. | N | mean NFE |",
-        "|---|---|---|---|---|",
-        f"| probability-flow ODE | {ode['bpd']:.4f} | {ode['bpd_stderr']:.4f} | {ode['n']} | "
-        f"{ode['nfe_mean']:.0f} |",
-        f"| continuous ELBO (bound) | {elbo['bpd']:.4f} | {elbo['bpd_stderr']:.4f} | {elbo['n']} | "
-        f"{elbo['nfe_mean']:.0f} |",
-        "",
-        f"SDE `{ck['sde']}`, parameterisation `{ck['parameterization']}`, checkpoint sha256 "
-        f"`{ck['sha256'][:16]}…`. Settings: `{ode['settings']}`.",
-        "",
-    ])
+            "n": ode["n"], "markdown": markdown}
 
 
 def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
-                   weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0),
-                   samplers: tuple[str, ...] = ("heun",), steps: tuple[int, ...] = (16,), n: int = 200,
-                   seed: int = 0) -> dict[str, Any]:
+                   weights: tuple[float, ...] = GUIDANCE_WEIGHTS, samplers: tuple[str, ...] = ("heun",),
+                   steps: tuple[int, ...] = (16,), n: int = 200, seed: int = 0) -> dict[str, Any]:
     """Ray Tune sweep of the guidance weight w (× sampler × NFE) scored by FID and classifier precision;
     an interrupted or finished sweep under `out` is restored, not redrawn."""
     from .tuning.guidance import SWEEP_FILE, restore_guidance, sweep_guidance
@@ -172,7 +177,29 @@ def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
         res = sweep_guidance(checkpoint=checkpoint, data=data, classifier=classifier, out=out,
                              weights=tuple(weights), samplers=tuple(samplers), steps=tuple(steps), n=n,
                              seed=seed)
-    overall = res["best"]["overall"]
-    return {"best": overall, "rows": [{k: r[k] for k in ("sampler", "steps", "w", "fid", "precision", "nfe")}
-                                      for r in res["rows"]],
-            "report": res["report"], "complete": res["complete"]}
+    out_res = {"best": res["best"]["overall"],
+               "rows": [{k: r[k] for k in ("sampler", "steps", "w", "fid", "precision", "nfe")}
+                        for r in res["rows"]],
+               "report": res["report"], "complete": res["complete"]}
+    out_res["markdown"] = reports.guidance_markdown(out_res)
+    return out_res
+
+
+def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's report.md and summary.json under its root (stage results without their markdown)."""
+    layout = RunLayout(summary["root"])
+    clean = _without_markdown(summary)
+    markdown = reports.run_markdown(clean)
+    storage.write_bytes(layout.report, markdown.encode())
+    storage.write_json(layout.summary, clean)
+    return {"report": layout.report, "markdown": markdown, "summary": clean}
+
+
+def _without_markdown(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _without_markdown(x) for k, x in v.items() if k != "markdown"}
+    return v
+
+
+__all__ = ["EXTRACTORS", "classifier_stage", "fid_stage", "guidance_stage", "likelihood_stage",
+           "manifest_sha256", "sample_stage", "shard_stage", "summary_stage", "train_stage"]

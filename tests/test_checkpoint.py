@@ -21,7 +21,7 @@ from pipeline.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_ema_network,
+    load_model,
     save_checkpoint,
 )
 from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: F401
@@ -151,8 +151,9 @@ def test_ema_export_rebuilds_the_averaged_network(tmp_path):
                      network=net.config)
     payload = load_checkpoint(uri)
     assert payload["step"] == 7 and payload["config"] == config.to_dict()
-    rebuilt = load_ema_network(uri)
-    assert not rebuilt.training
+    model = load_model(uri)
+    rebuilt = model.net.net  # the U-Net inside the autocast wrapper
+    assert not rebuilt.training and model.step == 7 and model.weights == "ema"
     for (name, p), q in zip(rebuilt.state_dict().items(), ema.module.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     diffs = [not torch.equal(p, q) for p, q in zip(rebuilt.parameters(), net.parameters(), strict=True)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline import storage
+from pipeline.diffusion.dequantize import snap_to_levels
 from pipeline.evaluation.classifier import (
     accuracy,
     load_classifier,
@@ -14,7 +15,7 @@ from pipeline.evaluation.classifier import (
     save_classifier,
     train_classifier,
 )
-from pipeline.evaluation.features import ClassifierFeatures, snap_to_levels
+from pipeline.evaluation.features import ClassifierFeatures
 from pipeline.evaluation.fid import feature_stats, frechet_distance, reference_stats
 
 LEVELS = 17
@@ -81,6 +82,7 @@ def test_domain_features_are_the_penultimate_layer(classifier):
 @pytest.mark.slow
 def test_trained_demo_model_fid_between_floor_and_noise(classifier, digits_shards, tmp_path):
     from pipeline.demo import demo_config, load_digits_tensor
+    from pipeline.evaluation.generate import SamplingPlan
     from pipeline.evaluation.report import evaluate_samples
     from pipeline.evaluation.sampling import run_sampling
     from pipeline.training.checkpoint import export_ema
@@ -90,14 +92,15 @@ def test_trained_demo_model_fid_between_floor_and_noise(classifier, digits_shard
     # The demo's recipe, briefly: 200 steps of batch 32 (CPU-cheap; the samples are rough digits).
     x, labels = load_digits_tensor()
     config = demo_config(200, 0).replace(batch_size=32, warmup_steps=50)
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     final = fit(trainer, InMemoryBatches(x, labels, 32, seed=0), steps=200, report_every=100)
     ckpt = export_ema(
         str(tmp_path / "ema.pt"), ema=trainer.ema.state_dict(), config=config.to_dict(), step=200
     )
     samples = str(tmp_path / "samples")
     n = 400
-    run_sampling(ckpt, samples, n=n, method="heun", steps=12, seed=0, batch_size=200, levels=LEVELS)
+    run_sampling(ckpt, samples, SamplingPlan(n=n, method="heun", steps=12, base_seed=0, batch_size=200,
+                                             levels=LEVELS))
     ext = ClassifierFeatures(uri)
     res = evaluate_samples(samples, digits_shards, ext, kid_subsets=10, kid_subset_size=200)
 

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
+from pipeline.diffusion.dequantize import to_display_uint8 as quantize_uint8
 from pipeline.evaluation.features import (
     INCEPTION_ENV,
     InceptionFeatures,
     build_extractor,
     bundled_inception_path,
-    quantize_uint8,
     resolve_inception_weights,
 )
 from pipeline.evaluation.fid import feature_stats, frechet_distance

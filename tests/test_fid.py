@@ -8,7 +8,8 @@ import scipy.linalg
 import torch
 
 from pipeline import storage
-from pipeline.evaluation.features import FeatureExtractor, quantize_uint8
+from pipeline.diffusion.dequantize import to_display_uint8 as quantize_uint8
+from pipeline.evaluation.features import FeatureExtractor
 from pipeline.evaluation.fid import (
     FeatureStats,
     StatsAccumulator,

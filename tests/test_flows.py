@@ -55,8 +55,9 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     from flows.pipeline import diffusion_pipeline
 
     root = f"{s3_bucket}/run"
-    kwargs = dict(root=root, train_steps=12, batch_size=32, checkpoint_every=6, n_samples=40, sample_steps=6,
-                  likelihood_samples=8, guidance_sweep=[0.0, 2.0], sweep_samples=20, sweep_steps=4)
+    kwargs = dict(root=root, train={"steps": 12, "batch_size": 32, "checkpoint_every": 6},
+                  evaluate={"n_samples": 40, "sample_steps": 6, "likelihood_samples": 8},
+                  sweep={"weights": [0.0, 2.0], "samples": 20, "steps": 4})
     state = diffusion_pipeline(**kwargs, return_state=True)
     assert state.is_completed(), state
     summary = state.result()

@@ -28,11 +28,15 @@ def test_prefect_yaml_deployments_point_at_the_flow_with_cron_schedules():
     # The parameters a deployment passes must exist on the flow.
     import inspect
 
+    from flows.params import EvalParams, SweepParams, TrainParams
     from flows.pipeline import diffusion_pipeline
 
     accepted = set(inspect.signature(diffusion_pipeline.fn).parameters)
     for d in deployments.values():
-        assert set(d.get("parameters", {})) <= accepted, d["name"]
+        params = d.get("parameters", {})
+        assert set(params) <= accepted, d["name"]
+        for group, model in (("train", TrainParams), ("evaluate", EvalParams), ("sweep", SweepParams)):
+            model(**params.get(group, {}))  # a misspelt or out-of-range field raises
 
 
 def test_prefect_cron_schedules_are_valid():

@@ -76,8 +76,8 @@ def test_unreachable_prefect_api_names_the_setting(monkeypatch):
 
 
 def test_unreachable_ray_address_names_the_setting(monkeypatch):
-    from flows.server import check_ray_address
+    from pipeline.raykit import check_address
 
     monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{_free_port()}")
     with pytest.raises(ValueError, match=r"RAY_ADDRESS=.*unreachable"):
-        check_ray_address()
+        check_address()

@@ -17,8 +17,8 @@ from ray import cloudpickle
 
 from pipeline import storage
 from pipeline.cli import main as cli_main
-from pipeline.config import TrainConfig
-from pipeline.training.checkpoint import list_checkpoints, load_checkpoint, load_ema_network
+from pipeline.config import RunOptions, TrainConfig
+from pipeline.training.checkpoint import list_checkpoints, load_checkpoint, load_model
 from tests.fixtures_s3 import ray_local, s3_server  # noqa: F401
 
 # The step hook below travels to the workers by value (Ray's cloudpickle), not as an import of tests/.
@@ -112,8 +112,9 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_local, bucket, digits_sha
     out = f"{bucket}/runs/two-workers"
     marker = f"{bucket}/markers/two-workers-killed"
     steps, every, kill_at = 40, 10, 17  # 40 steps of 16 per rank stay within each rank's first epoch
-    res = train(_config(steps=steps), data=digits_shards, out=out, workers=2, report_every=5,
-                checkpoint_every=every, keep_last=2, max_failures=1, flip=False, progress=False,
+    options = RunOptions(workers=2, report_every=5, checkpoint_every=every, keep_last=2, max_failures=1,
+                         progress=False)
+    res = train(_config(steps=steps), data=digits_shards, out=out, options=options,
                 on_step=StepTrace(str(tmp_path), kill_at=kill_at, marker=marker))
 
     assert storage.exists(marker)  # the worker really was killed
@@ -129,7 +130,7 @@ def test_two_workers_on_s3_survive_a_killed_worker(ray_local, bucket, digits_sha
     assert storage.listdir(f"{out}/ray")
     state = load_checkpoint(res.checkpoint)
     assert state["position"]["step"] == steps and len(state["ranks"]) == 2
-    net = load_ema_network(res.ema)
+    net = load_model(res.ema).net.net
     for p, q in zip(net.state_dict().values(), state["ema"]["module"].values(), strict=True):
         assert torch.equal(p, q)
 
@@ -171,12 +172,13 @@ def test_bad_input_fails_before_any_worker_starts(ray_local, bucket, digits_shar
     from pipeline.training.ray_train import train
 
     out = f"{bucket}/runs/bad-{case}"
-    kw = dict(data=digits_shards, out=out, workers=2, progress=False)
+    kw = dict(data=digits_shards, out=out)
+    opts = dict(workers=2, progress=False)
     config = _config(steps=10)
     if case == "preset":
         config = config.replace(preset="no-such-preset")
     elif case == "workers":
-        kw["workers"] = 0
+        opts["workers"] = 0
     elif case == "batch":
         config = config.replace(batch_size=33)
     elif case == "no_manifest":
@@ -186,14 +188,14 @@ def test_bad_input_fails_before_any_worker_starts(ray_local, bucket, digits_shar
     elif case == "unwritable":
         kw["out"] = out = "s3://no-such-bucket-here/run"
     elif case == "gpus":
-        kw["gpus_per_worker"] = 1
+        opts["gpus_per_worker"] = 1
     elif case == "cpus":
-        kw["cpus_per_worker"] = 4
+        opts["cpus_per_worker"] = 4
     elif case == "existing":
         save_checkpoint(out, {"position": {"step": 5}})
     before = storage.listdir(out) if case != "unwritable" else []
     with pytest.raises(ValueError, match=match):
-        train(config, **kw)
+        train(config, **kw, options=RunOptions(**opts))
     if case != "unwritable":
         assert storage.listdir(out) == before  # no Ray run folder, nothing half-written
 

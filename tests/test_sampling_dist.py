@@ -11,19 +11,26 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import TrainConfig
-from pipeline.evaluation.sampling import (
-    SamplingPlan,
-    generate,
-    load_model_for_sampling,
-    read_samples,
-    regenerate,
-    run_sampling,
-    to_levels,
-)
+from pipeline.diffusion.dequantize import to_levels
+from pipeline.evaluation.generate import SamplingPlan, generate
+from pipeline.evaluation.sampling import Execution, read_samples, regenerate
+from pipeline.evaluation.sampling import run_sampling as _run_sampling
 from pipeline.models import build_unet
-from pipeline.training.checkpoint import export_ema
+from pipeline.training.checkpoint import export_ema, load_model
 
 LEVELS = 17
+
+
+def run_sampling(ckpt, out, *, n, method="heun", steps=32, seed=0, workers=0, shard_size=10_000,
+                 levels=256, **plan):
+    """The plan's fields as keywords (seed is the plan's base_seed), execution apart."""
+    plan = SamplingPlan(n=n, method=method, steps=steps, base_seed=seed, levels=levels, **plan)
+    return _run_sampling(ckpt, out, plan, execution=Execution(workers=workers, shard_size=shard_size))
+
+
+def _one(model, plan, indices):
+    (blk,) = generate(model, plan, indices=indices)
+    return blk.x, blk.nfe
 
 
 def _config(**kw) -> TrainConfig:
@@ -88,9 +95,11 @@ def test_two_ray_workers_exact_n_and_regeneration(ckpts, tmp_path, ray_cluster):
     assert grid.size[0] > 0
 
     stored = to_levels(x, LEVELS)
-    # A stochastic sampler: the block is re-run from the recorded seeds, here in this process.
+    # A stochastic sampler: every sample has its own streams, so samples regenerate alone, here in this
+    # process, in any batch composition.
     again = to_levels(regenerate(out, [9, 5, 0]), LEVELS)
     np.testing.assert_array_equal(again, stored[[9, 5, 0]])
+    np.testing.assert_array_equal(to_levels(regenerate(out, [7]), LEVELS), stored[[7]])
     # The same plan in one process (no Ray) gives the same samples: the split over workers is irrelevant.
     local = str(tmp_path / "local")
     run_sampling(
@@ -108,22 +117,38 @@ def test_two_ray_workers_exact_n_and_regeneration(ckpts, tmp_path, ray_cluster):
 
 
 def test_deterministic_sampler_sample_depends_on_its_seed_only(ckpts):
-    model = load_model_for_sampling(ckpts["cond"])
+    model = load_model(ckpts["cond"])
     plan = SamplingPlan(n=6, method="heun", steps=5, base_seed=3, batch_size=6, levels=LEVELS)
     assert plan.deterministic
-    whole, nfe = generate(model, plan, list(range(6)), noise_seed=0)
+    whole, nfe = _one(model, plan, list(range(6)))
     assert nfe == 9  # Heun: 2·steps − 1
     # Other batch compositions: sample i alone, and in a different batch with different neighbours.
     for i in (0, 4):
-        alone, _ = generate(model, plan, [i], noise_seed=123)
+        alone, _ = _one(model, plan, [i])
         torch.testing.assert_close(alone[0], whole[i], rtol=0, atol=1e-4)
-    mixed, _ = generate(model, plan, [5, 2], noise_seed=7)
+    mixed, _ = _one(model, plan, [5, 2])
     torch.testing.assert_close(mixed, whole[[5, 2]], rtol=0, atol=1e-4)
     other = SamplingPlan(n=6, method="heun", steps=5, base_seed=4, batch_size=6, levels=LEVELS)
-    shifted, _ = generate(model, other, list(range(6)), noise_seed=0)
+    shifted, _ = _one(model, other, list(range(6)))
     # base_seed 4 makes sample i start from seed(i) = 4 + i, which is sample i+1 under base_seed 3.
     torch.testing.assert_close(shifted[:5], whole[1:], rtol=0, atol=1e-4)
     assert (shifted[0] - whole[0]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("method,options", [("ancestral", {}), ("euler_maruyama", {}),
+                                            ("heun", {"S_churn": 5.0}), ("pc", {"snr_norm": "sample"})])
+def test_stochastic_sample_regenerates_alone(ckpts, method, options):
+    """Per-sample noise streams: sample k drawn alone equals row k of the batch (float round-off of
+    batched versus single network calls only)."""
+    model = load_model(ckpts["cond"])
+    steps = 25 if method == "pc" else 4  # a pc chain needs every β_i = β(t_i)/steps < 1
+    plan = SamplingPlan(n=5, method=method, steps=steps, base_seed=21, batch_size=5, options=options)
+    whole, _ = _one(model, plan, list(range(5)))
+    alone, _ = _one(model, plan, [3])
+    torch.testing.assert_close(alone[0], whole[3], rtol=0, atol=1e-4)
+    reseeded, _ = _one(model, SamplingPlan(n=5, method=method, steps=steps, base_seed=22, batch_size=5,
+                                           options=options), [2])
+    assert (reseeded[0] - whole[3]).abs().max() > 1e-3  # base_seed 22, index 2: same x_T, other noise
 
 
 def test_regenerate_alone_for_deterministic_sampler(ckpts, tmp_path):
@@ -140,14 +165,14 @@ def test_regenerate_alone_for_deterministic_sampler(ckpts, tmp_path):
 def test_trainer_checkpoint_and_ema_export_load_the_same_network(tmp_path):
     from pipeline.training.loop import Trainer
 
-    trainer = Trainer(_config(steps=2, batch_size=8))
+    trainer = Trainer.from_config(_config(steps=2, batch_size=8))
     with torch.no_grad():
         for p in trainer.ema.module.parameters():
             p.add_(0.01)
     uri = str(tmp_path / "trainer.pt")
     torch.save(trainer.state_dict(), uri)
-    ema = load_model_for_sampling(uri)
-    raw = load_model_for_sampling(uri, weights="model")
+    ema = load_model(uri)
+    raw = load_model(uri, weights="model")
     sd_ema, sd_raw = ema.net.net.state_dict(), raw.net.net.state_dict()
     for k, v in trainer.ema.module.state_dict().items():
         torch.testing.assert_close(sd_ema[k], v, rtol=0, atol=0)
@@ -161,7 +186,7 @@ def test_bad_input(ckpts, tmp_path):
     kw = dict(steps=2, levels=LEVELS)
     with pytest.raises(ValueError, match="n must be"):
         run_sampling(ckpts["cond"], out, n=0, **kw)
-    with pytest.raises(ValueError, match="sampler must be one of"):
+    with pytest.raises(ValueError, match="method must be one of"):
         run_sampling(ckpts["cond"], out, n=2, method="dpm++", **kw)
     with pytest.raises(ValueError, match="unknown sampler option"):
         run_sampling(ckpts["cond"], out, n=2, method="ddim", options={"churn": 1}, **kw)

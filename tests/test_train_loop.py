@@ -30,7 +30,7 @@ def _config(**kw) -> TrainConfig:
 def test_loss_decreases_on_digits(digits):
     x, labels = digits
     config = _config(batch_size=32, steps=120, lr=4e-3)
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     history = []
     fit(trainer, InMemoryBatches(x, labels, config.batch_size, seed=0), steps=config.steps, report_every=20,
         on_report=history.append)
@@ -59,7 +59,7 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch_is_skipped_and_counted(digits, bad):
     x, labels = digits
-    trainer = Trainer(_config())
+    trainer = Trainer.from_config(_config())
     for i in range(3):
         trainer.train_step(x[i * 32:(i + 1) * 32], labels[i * 32:(i + 1) * 32])
     before = _snapshot(trainer)
@@ -109,22 +109,22 @@ def test_resume_is_bit_exact(digits, deterministic, tmp_path):
                      label_dropout=0.2)
     data = InMemoryBatches(x, labels, config.batch_size, seed=3, flip=True)
 
-    whole = Trainer(config)
+    whole = Trainer.from_config(config)
     fit(whole, data, steps=n, report_every=0)
 
-    first = Trainer(config)
+    first = Trainer.from_config(config)
     fit(first, data, steps=k, report_every=0)
     uri = save_checkpoint(str(tmp_path / "run"), first.state_dict())
     assert (first.position.epoch, first.position.batch) == (1, 3)
     del first
     torch.manual_seed(12345)  # whatever the process did meanwhile must not matter
-    resumed = Trainer(config)
+    resumed = Trainer.from_config(config)
     resumed.load_state_dict(load_checkpoint(uri))
     fit(resumed, data, steps=n, report_every=0)
     _assert_identical(_full_state(whole), _full_state(resumed))
 
     # The comparison is sharp: resuming without the noise generator's state gives other weights.
-    other = Trainer(config)
+    other = Trainer.from_config(config)
     state = load_checkpoint(uri)
     state["rng"]["generator"] = torch.Generator().manual_seed(99).get_state()
     other.load_state_dict(state)

@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
         label_dropout=0.2,
         seed=0,
     )
-    trainer = Trainer(config)
+    trainer = Trainer.from_config(config)
     fit(trainer, InMemoryBatches(xtr, ytr, 32, seed=0), steps=config.steps, report_every=0)
     ckpt = str(root / "ema.pt")
     export_ema(ckpt, ema=trainer.ema.state_dict(), config=config.to_dict(), step=config.steps)
@@ -116,10 +116,11 @@ def test_w0_draws_exactly_what_the_conditional_model_draws(sweep, trained):
     samples must equal Heun's samples of the plain conditional model from the same x_T and labels."""
     from pipeline.diffusion.param import make_score_fn
     from pipeline.diffusion.samplers import sample_heun
-    from pipeline.evaluation.sampling import SamplingPlan, initial_noise, load_model_for_sampling
+    from pipeline.evaluation.generate import SamplingPlan, initial_noise
+    from pipeline.training.checkpoint import load_model
 
     saved = torch.load(io.BytesIO(storage.read_bytes(_by_w(sweep)[0.0]["samples"])), weights_only=True)
-    model = load_model_for_sampling(trained["checkpoint"])
+    model = load_model(trained["checkpoint"])
     plan = SamplingPlan(n=N, method="heun", steps=STEPS, base_seed=SEED, batch_size=N)
     labels = torch.arange(N) % 10
     score = make_score_fn(
@@ -145,7 +146,8 @@ def test_bad_input_is_refused_before_any_point_is_drawn(ray_local, trained, tmp_
 
     uncond = TrainConfig(preset="tiny-digits", model_overrides={**NET, "num_classes": None}, steps=1)
     export_ema(
-        str(tmp_path / "uncond.pt"), ema=Trainer(uncond).ema.state_dict(), config=uncond.to_dict(), step=0
+        str(tmp_path / "uncond.pt"), ema=Trainer.from_config(uncond).ema.state_dict(),
+        config=uncond.to_dict(), step=0
     )
     out = str(tmp_path / "sweep")
     common = dict(

@@ -19,10 +19,11 @@ from pipeline.diffusion.losses import DSMLoss, EDMLoss, build_loss
 from pipeline.diffusion.schedules import DDPMSchedule
 from pipeline.diffusion.sde import VESDE, VPSDE, CosineVPSDE, SubVPSDE, build_sde
 from pipeline.diffusion.toy import GaussianMixture
+from pipeline.evaluation.scoring import edm_levels, edm_weight, heldout_denoising_loss
+from pipeline.raykit import concurrent_trials
 from pipeline.tuning import spaces
-from pipeline.tuning.metrics import edm_levels, edm_weight, heldout_denoising_loss
 from pipeline.tuning.report import pareto_front
-from pipeline.tuning.schedules import concurrent_trials, max_concurrent_trials
+from pipeline.tuning.search import ScheduleSearch, max_concurrent_trials
 from tests.fixtures_s3 import ray_local, s3_server  # noqa: F401
 
 # ---- the held-out metric ---------------------------------------------------------------------------
@@ -127,34 +128,21 @@ def test_a_range_irrelevant_to_every_sde_of_the_space_is_not_a_conflict():
 # ---- concurrency and reports -----------------------------------------------------------------------
 
 
+def _sized(workers, gpus_per_worker, cpus_per_worker, trial_cpus, requested=None) -> ScheduleSearch:
+    return ScheduleSearch(space={}, base={}, data="", out="", workers=workers,
+                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                          trial_cpus=trial_cpus, max_concurrent=requested)
+
+
 def test_concurrent_trials_follow_the_cluster_resources():
     gpu_cluster = {"CPU": 64.0, "GPU": 8.0}
-    assert (
-        max_concurrent_trials(
-            workers=2, gpus_per_worker=1, cpus_per_worker=4, trial_cpus=1, resources=gpu_cluster
-        )
-        == 4
-    )  # GPUs bound it: 8 / 2
-    assert (
-        max_concurrent_trials(
-            workers=1, gpus_per_worker=0, cpus_per_worker=0.9, trial_cpus=0.1, resources={"CPU": 2.0}
-        )
-        == 2
-    )
-    assert (
-        max_concurrent_trials(
-            workers=1, gpus_per_worker=0, cpus_per_worker=1, trial_cpus=0.1, resources={"CPU": 2.0}
-        )
-        == 1
-    )  # 1.1 CPU per trial
+    assert max_concurrent_trials(_sized(2, 1, 4, 1), gpu_cluster) == 4  # GPUs bound it: 8 / 2
+    assert max_concurrent_trials(_sized(1, 0, 0.9, 0.1), {"CPU": 2.0}) == 2
+    assert max_concurrent_trials(_sized(1, 0, 1, 0.1), {"CPU": 2.0}) == 1  # 1.1 CPU per trial
     with pytest.raises(ValueError, match="max_concurrent=5"):
-        max_concurrent_trials(
-            workers=2, gpus_per_worker=1, cpus_per_worker=4, trial_cpus=1, requested=5, resources=gpu_cluster
-        )
+        max_concurrent_trials(_sized(2, 1, 4, 1, requested=5), gpu_cluster)
     with pytest.raises(ValueError, match="one trial needs"):
-        max_concurrent_trials(
-            workers=1, gpus_per_worker=1, cpus_per_worker=1, trial_cpus=1, resources={"CPU": 8.0}
-        )
+        max_concurrent_trials(_sized(1, 1, 1, 1), {"CPU": 8.0})
     assert concurrent_trials({"CPU": 1, "GPU": 1}, resources=gpu_cluster) == 8
 
 
@@ -199,7 +187,6 @@ def _options(**kw) -> dict:
             cpus_per_worker=0.9,
             trial_cpus=0.1,
             shuffle_buffer=64,
-            flip=False,
             heldout_n=64,
         ),
         **kw,

@@ -175,13 +175,9 @@ def _validate(shard_size: int, test_fraction: float | None, seed: int, parallel:
 def _resolve_parallel(parallel: str, dest: str) -> str:
     """'auto' means Ray when a cluster is running here or named by RAY_ADDRESS, threads otherwise."""
     if parallel == "auto":
-        try:
-            import ray
+        from .. import raykit
 
-            running = ray.is_initialized()
-        except ImportError:
-            running = False
-        parallel = "ray" if running or os.environ.get("RAY_ADDRESS") else "threads"
+        parallel = "ray" if raykit.is_running() else "threads"
     if parallel == "ray" and storage.split_scheme(dest)[0] == "memory":
         raise ValueError(f"parallel='ray' with dest={dest!r}: memory:// is per-process; use 'threads'")
     return parallel
@@ -209,38 +205,9 @@ def run_tasks(
                 for fut in pending:
                     fut.cancel()
         return
-    yield from _run_ray(fn, items)
+    from .. import raykit
 
-
-def _call_with_env(fn: Callable, env: dict[str, str], item: object) -> object:
-    """Run fn(item) in a Ray worker after setting the driver's non-secret storage variables."""
-    os.environ.update(env)
-    return fn(item)
-
-
-def _run_ray(fn: Callable, items: Sequence) -> Iterator[tuple[int, object]]:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-    # Endpoint and region travel with each task (a runtime_env would start fresh worker processes);
-    # credentials never do: each node finds its own.
-    env = storage.worker_env()
-    remote = ray.remote(num_cpus=1, max_retries=2)(_call_with_env)
-    refs = {remote.remote(fn, env, item): i for i, item in enumerate(items)}
-    try:
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            for ref in done:
-                i = refs.pop(ref)
-                try:
-                    yield i, ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    raise (cause if isinstance(cause, Exception) else e) from None
-    finally:
-        for ref in refs:
-            ray.cancel(ref, force=False)
+    yield from raykit.fan_out(fn, items, max_retries=2)
 
 
 def _usable_manifest(muri: str) -> dict | None:

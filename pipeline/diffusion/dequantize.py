@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,6 +64,42 @@ def check_on_grid(x: Tensor, levels: int) -> None:
             f"pass data scaled as k/{(levels - 1) / 2:g} - 1, or the right number of levels")
 
 
+# ---- quantisation: [-1, 1] floats ↔ the L data levels (the one home of this arithmetic) ----------
+
+
+def level_index(x: Tensor, levels: int) -> Tensor:
+    """k = round((x + 1)(L − 1)/2) ∈ {0, …, L−1} (float), the nearest data level of x clamped to [-1, 1]."""
+    levels = check_levels(levels)
+    return ((x.detach().float().clamp(-1, 1) + 1) / 2 * (levels - 1)).round()
+
+
+def from_level_index(k: Tensor, levels: int) -> Tensor:
+    """x = k·Δ − 1, the model-space value of level k."""
+    return 2 * k.float() / (check_levels(levels) - 1) - 1
+
+
+def snap_to_levels(x: Tensor, levels: int) -> Tensor:
+    """[-1, 1] floats → the nearest of the data's L values k·Δ − 1 (what a shard of that data holds)."""
+    return from_level_index(level_index(x, levels), levels)
+
+
+def to_display_uint8(x: Tensor, levels: int = 256) -> Tensor:
+    """[-1, 1] floats → 0..255 through the data's own L levels (digits: 17 greys stretched to 0..255)."""
+    return (level_index(x, levels) * (255.0 / (levels - 1))).round().clamp(0, 255)
+
+
+def to_levels(x: Tensor, levels: int) -> np.ndarray:
+    """[-1, 1] floats [B, C, H, W] → uint8 [B, H, W, C] with values 0..L−1 (what the shards store)."""
+    if levels > 256:
+        raise ValueError(f"levels must be <= 256 to store as uint8, got {levels}")
+    return level_index(x.cpu(), levels).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def from_levels(v: np.ndarray | Tensor, levels: int) -> Tensor:
+    """uint8 [B, H, W, C] levels → [-1, 1] floats [B, C, H, W]."""
+    return from_level_index(torch.as_tensor(np.array(v)).permute(0, 3, 1, 2), levels)
+
+
 def uniform_dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
     """x_deq = x + (u - ½)·Δ with u ~ U(0, 1) per value (see the module docstring)."""
     device = generator.device if generator is not None else x.device
@@ -76,6 +113,7 @@ def bits_per_dim(logp: Tensor, dims: int) -> Tensor:
 
 
 __all__ = [
-    "bin_width", "bits_per_dim", "check_levels", "check_on_grid", "logp_offset", "offset_bits_per_dim",
+    "bin_width", "bits_per_dim", "check_levels", "check_on_grid", "from_level_index", "from_levels",
+    "level_index", "logp_offset", "offset_bits_per_dim", "snap_to_levels", "to_display_uint8", "to_levels",
     "uniform_dequantize",
 ]

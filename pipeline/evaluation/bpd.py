@@ -274,8 +274,8 @@ def evaluate_elbo(score_fn: ScoreFn | None, sde: SDE | None, data: Data, *, kind
 # ---- Ray fan-out ----------------------------------------------------------------------------------
 
 
-def _ray_bpd_task(make_score_fn: Callable[[], ScoreFn], sde_config: dict, data: Data, use_gpu: bool,
-                  kwargs: dict) -> dict:
+def _ray_bpd_task(item: tuple[Callable[[], ScoreFn], dict, Data, bool, dict]) -> dict:
+    make_score_fn, sde_config, data, use_gpu, kwargs = item
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else None
     sde = build_sde(**sde_config)
     return evaluate_bpd(make_score_fn(), sde, data, device=device, progress=False, **kwargs)
@@ -283,8 +283,7 @@ def _ray_bpd_task(make_score_fn: Callable[[], ScoreFn], sde_config: dict, data: 
 
 def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, data: Tensor | str, *,
                      num_workers: int, use_gpu: bool = False, batch_size: int = 64, seed: int = 0,
-                     split: str = "test", max_samples: int | None = None, ray_address: str | None = None,
-                     **options: Any) -> dict:
+                     split: str = "test", max_samples: int | None = None, **options: Any) -> dict:
     """`evaluate_bpd` split across `num_workers` Ray tasks (one GPU each with use_gpu), merged exactly.
 
     `make_score_fn()` runs on the worker and must build the model there (on the current CUDA device
@@ -302,18 +301,13 @@ def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, dat
     sde = build_sde(**sde_config)
     if isinstance(data, str) and "dequantize" not in options:
         options["dequantize"] = {"levels": dataset_levels(data)}
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_ray_bpd_task)
     common = dict(batch_size=batch_size, seed=seed, split=split, **options)
     start = time.perf_counter()
     refs = []
     if isinstance(data, str):
         for r in range(num_workers):
             kwargs = dict(common, rank=r, world_size=num_workers, max_samples=max_samples)
-            refs.append(task.remote(make_score_fn, sde_config, data, use_gpu, kwargs))
+            refs.append((make_score_fn, sde_config, data, use_gpu, kwargs))
     else:
         if not isinstance(data, Tensor):
             raise ValueError(f"data must be a tensor [N, ...] or a dataset URI, got {type(data).__name__}")
@@ -326,8 +320,11 @@ def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, dat
         for first in range(0, len(batches), per):
             part = torch.cat(batches[first:first + per]).cpu()
             kwargs = dict(common, batch_offset=first)
-            refs.append(task.remote(make_score_fn, sde_config, part, use_gpu, kwargs))
-    summaries = ray.get(refs)
+            refs.append((make_score_fn, sde_config, part, use_gpu, kwargs))
+    from .. import raykit
+
+    done = dict(raykit.fan_out(_ray_bpd_task, refs, num_gpus=1 if use_gpu else 0))
+    summaries = [done[j] for j in range(len(refs))]
     merged = merge_summaries(summaries, seconds=time.perf_counter() - start)
     merged["settings"] = _settings(sde, batch_size, seed, options, metric="ode", num_workers=len(refs),
                                    use_gpu=use_gpu)

@@ -100,30 +100,20 @@ def _add_extractor_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .sampling import run_sampling
+    from .generate import SamplingPlan
+    from .sampling import Execution, run_sampling
 
     levels = args.levels
     if levels is None and args.data:
         from ..data.manifest import read_manifest
 
         levels = int(read_manifest(args.data)["levels"])
-    m = run_sampling(
-        args.checkpoint,
-        args.out,
-        n=args.n,
-        method=args.sampler,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        options=dict(args.option),
-        class_label=args.class_label,
-        levels=levels,
-        workers=args.workers,
-        device=args.device,
-        precision=args.precision,
-        shard_size=args.shard_size,
-    )
+    plan = SamplingPlan(n=args.n, method=args.sampler, steps=args.steps, guidance=args.guidance,
+                        base_seed=args.seed, batch_size=args.batch_size, options=dict(args.option),
+                        class_label=args.class_label, levels=levels or 256)
+    execution = Execution(workers=args.workers, device=args.device, precision=args.precision,
+                          shard_size=args.shard_size)
+    m = run_sampling(args.checkpoint, args.out, plan, execution=execution)
     rec = m["sampling"]
     print(
         f"{m['counts']['samples']} samples ({rec['sampler']}, {rec['steps']} steps, NFE "

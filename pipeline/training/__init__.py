@@ -13,7 +13,8 @@ from typing import Any
 _EXPORTS = {
     "InMemoryBatches": "loop", "Trainer": "loop", "fit": "loop", "unwrap": "loop",
     "export_ema": "checkpoint", "latest_checkpoint": "checkpoint", "list_checkpoints": "checkpoint",
-    "load_checkpoint": "checkpoint", "load_ema_network": "checkpoint", "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "load_model": "checkpoint",
+    "SamplingModel": "checkpoint", "save_checkpoint": "checkpoint",
     "train": "ray_train", "TrainResult": "ray_train",
 }
 

@@ -12,14 +12,19 @@ Layout under a run's root URI:
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import storage
+from ..config import TrainConfig
+from ..diffusion.sde import SDE, ScoreFn
 
 CHECKPOINT_DIR = "checkpoints"
 EMA_EXPORT = "ema-final.pt"
@@ -86,11 +91,20 @@ def prune_checkpoints(root: str, *, keep_last: int, up_to_step: int | None = Non
 
 def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers, never pickled code."""
-    data = storage.read_bytes(uri)
+    return _load_bytes(storage.read_bytes(uri), uri, map_location)
+
+
+def _load_bytes(data: bytes, uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    if not data:
+        raise ValueError(f"checkpoint {uri} is empty (0 bytes): not a checkpoint this project wrote")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # a foreign or corrupted file: say which one
-        raise ValueError(f"checkpoint {uri} cannot be loaded with weights_only=True: {e}") from e
+        raise ValueError(f"checkpoint {uri} cannot be loaded with weights_only=True "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {uri} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
 def export_ema(uri: str, *, ema: dict[str, Any] | nn.Module, config: dict[str, Any], step: int,
@@ -115,23 +129,152 @@ def export_ema(uri: str, *, ema: dict[str, Any] | nn.Module, config: dict[str, A
     return uri
 
 
-def export_ema_from_checkpoint(checkpoint: str, uri: str) -> str:
-    """Export the EMA weights of a saved checkpoint (see `export_ema`)."""
-    state = load_checkpoint(checkpoint)
-    return export_ema(uri, ema=state["ema"], config=state["config"], step=state["position"]["step"])
+# ---- reading a network for sampling and evaluation ---------------------------------------------
 
 
-def load_ema_network(uri: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network of an EMA export and load its averaged weights (eval mode, no grad)."""
-    from ..models import build_unet
+@dataclass
+class SamplingModel:
+    """A network rebuilt from a checkpoint, with how its output is read as a score."""
 
-    payload = load_checkpoint(uri)
-    config = payload["config"]
-    net = build_unet(config["preset"], **config.get("model_overrides", {}))
-    net.load_state_dict(payload["ema"])
-    return net.to(device).eval().requires_grad_(False)
+    net: nn.Module
+    sde: SDE
+    config: TrainConfig
+    parameterization: str
+    noise_label_kind: str
+    sigma_data: float
+    num_classes: int | None
+    image_shape: tuple[int, int, int]
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    step: int | None
+    weights: str  # "ema" or "model"
+
+    @classmethod
+    def from_parts(cls, net: nn.Module, sde: SDE, config: TrainConfig, *, uri: str = "<in-memory>",
+                   sha256: str = "", step: int | None = None, weights: str = "ema") -> SamplingModel:
+        """Read `net` as the run `config` trained it (its loss names the parameterisation)."""
+        lk = dict(config.loss_kwargs)
+        inner = getattr(net, "net", net)  # an AutocastNet keeps the U-Net as .net
+        return cls(net=net, sde=sde, config=config,
+                   parameterization="edm" if config.loss == "edm" else lk.get("parameterization", "eps"),
+                   noise_label_kind=lk.get("noise_label_kind", "log_sigma"),
+                   sigma_data=float(lk.get("sigma_data", 0.5)),
+                   num_classes=getattr(inner, "num_classes", None),
+                   image_shape=(int(inner.in_channels), int(inner.image_size), int(inner.image_size)),
+                   checkpoint_uri=uri, checkpoint_sha256=sha256, step=step, weights=weights)
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> SamplingModel:
+        """A live trainer's EMA network, read exactly as `load_model` reads its checkpoint."""
+        return cls.from_parts(trainer.ema.module, trainer.sde, trainer.config, uri="<in-memory EMA>",
+                              step=trainer.position.step)
+
+    @property
+    def null_label(self) -> int | None:
+        return None if self.num_classes is None else int(self.num_classes)
+
+    def check_guidance(self, w: float) -> None:
+        if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ValueError(f"guidance w must be a finite number >= 0, got {w!r}")
+        if w > 0 and self.num_classes is None:
+            raise ValueError(f"guidance w={w}: the model of {self.checkpoint_uri} is unconditional "
+                             f"(preset {self.config.preset!r} has no classes); use w=0")
+
+    def score_fn(self, class_labels: Tensor | None, w: float = 0.0) -> ScoreFn:
+        """score_fn(x, t) for these labels; w > 0: classifier-free guidance (Ho & Salimans 2022, eq. 6)."""
+        from ..diffusion.guidance import cfg_score_fn
+        from ..diffusion.param import make_score_fn
+
+        self.check_guidance(w)
+        kw = {"noise_label_kind": self.noise_label_kind, "sigma_data": self.sigma_data}
+        if w > 0:
+            return cfg_score_fn(self.net, self.sde, self.parameterization, class_labels, self.null_label, w,
+                                **kw)
+        return make_score_fn(self.net, self.sde, self.parameterization, class_labels=class_labels, **kw)
+
+    def describe(self) -> dict[str, Any]:
+        return {"uri": self.checkpoint_uri, "sha256": self.checkpoint_sha256, "step": self.step,
+                "weights": self.weights, "preset": self.config.preset,
+                "model_overrides": self.config.model_overrides, "sde": self.sde.config(),
+                "parameterization": self.parameterization, "noise_label_kind": self.noise_label_kind,
+                "sigma_data": self.sigma_data, "num_classes": self.num_classes}
 
 
-__all__ = ["CHECKPOINT_DIR", "EMA_EXPORT", "checkpoint_uri", "export_ema", "export_ema_from_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_ema_network",
-           "prune_checkpoints", "save_checkpoint"]
+PRECISIONS = ("fp32", "bf16")
+_FORMS = ("a trainer checkpoint {model, ema, optimizer, position, rng, config} or an EMA export "
+          "{ema, config, step[, network]}")
+
+
+def _weights_of(state: dict[str, Any], uri: str, weights: str) -> tuple[dict[str, Tensor], str, int | None]:
+    """The network state_dict of a trainer checkpoint or an EMA export, which weights, and the step."""
+    if "config" not in state or not ({"ema", "model"} & set(state)):
+        raise ValueError(f"checkpoint {uri}: expected {_FORMS}; found keys {sorted(state)}")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if weights == "model" and "model" not in state:
+        raise ValueError(f"checkpoint {uri} is an EMA export: it has no raw 'model' weights; "
+                         "use weights='ema'")
+    used = weights if weights in state else "model"
+    sd = state[used]
+    if used == "ema" and isinstance(sd, dict) and isinstance(sd.get("module"), dict):
+        sd = sd["module"]  # EMA.state_dict() = {"module": ..., "nimg", ...}
+    step = state.get("step")
+    if step is None and isinstance(state.get("position"), dict):
+        step = state["position"].get("step")
+    return sd, used, None if step is None else int(step)
+
+
+def _build_network(state: dict[str, Any], config: TrainConfig, uri: str) -> nn.Module:
+    """The network of a checkpoint: from its recorded constructor config ("network", written by
+    `export_ema`) when present, so that networks the presets do not name load too; else the preset."""
+    from ..models import UNet, build_unet, preset_config
+
+    network = state.get("network")
+    if isinstance(network, dict):
+        try:
+            return UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in network.items()})
+        except TypeError as e:
+            raise ValueError(f"checkpoint {uri}: its 'network' entry does not build a UNet: {e}") from e
+    preset_config(config.preset, **config.model_overrides)  # ValueError naming the preset/override
+    return build_unet(config.preset, **config.model_overrides)
+
+
+def _check_matches(net: nn.Module, sd: dict[str, Tensor], uri: str, preset: str) -> None:
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs network {tuple(own[k].shape)}"
+                    for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
+        raise ValueError(f"checkpoint {uri} does not match preset {preset!r}: "
+                         + "; ".join(p for p in parts if p))
+
+
+def load_model(uri: str, *, device: torch.device | str = "cpu", weights: str = "ema",
+               precision: str = "fp32") -> SamplingModel:
+    """The one reader of every checkpoint the project writes (trainer state or EMA export): a ready
+    network (eval mode, no grad, bf16 autocast when asked) with its process and parameterisation."""
+    from ..diffusion.sde import build_sde
+    from ..models import AutocastNet
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    data = storage.read_bytes(uri)
+    state = _load_bytes(data, uri)
+    sd, used, step = _weights_of(state, uri, weights)
+    config = TrainConfig.from_dict(state["config"])
+    net = _build_network(state, config, uri)
+    _check_matches(net, sd, uri, config.preset)
+    net.load_state_dict(sd)
+    net = net.to(device).eval().requires_grad_(False)
+    sde = build_sde(config.sde, **config.sde_kwargs)
+    wrapped = AutocastNet(net, torch.bfloat16 if precision == "bf16" else None)
+    return SamplingModel.from_parts(wrapped, sde, config, uri=uri, sha256=hashlib.sha256(data).hexdigest(),
+                                    step=step, weights=used)
+
+
+__all__ = ["CHECKPOINT_DIR", "EMA_EXPORT", "PRECISIONS", "SamplingModel", "checkpoint_uri", "export_ema",
+           "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model", "prune_checkpoints",
+           "save_checkpoint"]

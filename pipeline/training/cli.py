@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from ..config import OPTIMIZERS, PRECISIONS, TrainConfig
+from ..config import OPTIMIZERS, PRECISIONS, RunOptions, TrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts allowed; -1: unlimited")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--xflip", action="store_true",
+                   help="random horizontal flips (off by default; refused when the data's manifest says "
+                        "mirroring changes the class)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
 
@@ -68,19 +70,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        grad_clip=args.grad_clip, ema_halflife_kimg=args.ema_halflife_kimg,
                        batch_size=args.batch_size, steps=args.steps, precision=args.precision,
-                       compile=args.compile, seed=args.seed)
+                       compile=args.compile, seed=args.seed, xflip=args.xflip)
 
 
 def _main(args: argparse.Namespace) -> int:
     from .ray_train import train
 
     config = config_from_args(args)
-    res = train(config, data=args.data, out=args.out, workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                report_every=args.report_every, checkpoint_every=args.checkpoint_every,
-                keep_last=args.keep_last, max_failures=args.max_failures,
-                resume=args.resume, shuffle_buffer=args.shuffle_buffer, loader_workers=args.loader_workers,
-                flip=not args.no_flip, progress=not args.no_progress)
+    options = RunOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                         cpus_per_worker=args.cpus_per_worker, report_every=args.report_every,
+                         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
+                         max_failures=args.max_failures, resume=args.resume,
+                         shuffle_buffer=args.shuffle_buffer,
+                         loader_workers=args.loader_workers, progress=not args.no_progress)
+    res = train(config, data=args.data, out=args.out, options=options)
     m: dict[str, Any] = res.metrics
     loss = f"{m['loss']:.4f}" if "loss" in m else "n/a"
     print(f"trained to step {res.step} in {res.seconds:.0f} s (final loss {loss})")

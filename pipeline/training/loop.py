@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..config import TrainConfig
 from ..diffusion.losses import build_loss
-from ..diffusion.sde import build_sde
-from ..models import EMA, build_unet
+from ..diffusion.sde import SDE, build_sde
+from ..models import EMA, AutocastNet, build_unet
 
 # Per-noise-level loss buckets, in EDM's σ̃ = σ/α (comparable across VP, sub-VP and VE).
 SIGMA_BUCKETS: tuple[float, ...] = (0.1, 1.0, 10.0)
@@ -36,22 +36,6 @@ def unwrap(module: nn.Module) -> nn.Module:
             module = module.module
         else:
             return module
-
-
-class AutocastNet(nn.Module):
-    """Runs the wrapped network under bf16 autocast and hands fp32 back, so that loss arithmetic
-    (weights like 1/σ², which span many decades) stays in full precision."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        if self.dtype is None:
-            return self.net(x, noise_labels, class_labels)
-        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
-            out = self.net(x, noise_labels, class_labels)
-        return out.float()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -83,31 +67,21 @@ class _Accum:
 
 
 class Trainer:
-    """Builds net, EMA, optimiser and loss from a TrainConfig and runs optimisation steps."""
+    """Runs optimisation steps on built components (torchtitan's split: the loop does not build).
 
-    def __init__(self, config: TrainConfig, *, device: torch.device | str = "cpu", rank: int = 0,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 batch_size_per_rank: int | None = None) -> None:
+    `Trainer.from_config` is the edge that builds net, process, loss, optimiser and EMA from a
+    TrainConfig; the constructor takes them built, so a caller can hand over any network or loss. The
+    config still supplies the step-level hyper-parameters (learning-rate warm-up, clipping, precision,
+    seed) and is what checkpoints record.
+    """
+
+    def __init__(self, config: TrainConfig, *, net: nn.Module, sde: SDE, loss_fn: Callable[..., Any],
+                 optimizer: torch.optim.Optimizer, ema: EMA, device: torch.device | str = "cpu",
+                 rank: int = 0, wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.config, self.device, self.rank = config, torch.device(device), rank
-        self.batch_size_per_rank = batch_size_per_rank or config.batch_size
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.sde = build_sde(config.sde, **config.sde_kwargs)
-        net = build_unet(config.preset, **config.model_overrides).to(self.device)
-        if config.channels_last and self.device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        self.ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
-        self.net = net
+        self.sde, self.net, self.ema, self.loss_fn, self.optimizer = sde, net, ema, loss_fn, optimizer
         # UNet.null_label raises for unconditional networks (num_classes=None).
         self.null_label = net.null_label if getattr(net, "num_classes", None) is not None else None
-        loss_kwargs = dict(config.loss_kwargs)
-        if config.label_dropout > 0 and self.null_label is not None:
-            loss_kwargs.setdefault("label_dropout", config.label_dropout)
-            loss_kwargs.setdefault("null_label", self.null_label)
-        self.loss_fn = build_loss(config.loss, self.sde, **loss_kwargs)
-        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        # fused: one kernel for the whole update on CUDA (foreach is the default there, plain on CPU)
-        self.optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
-                                 weight_decay=config.weight_decay, fused=self.device.type == "cuda" or None)
         self.amp_dtype = resolve_precision(config.precision, self.device)
         # The network as the loss sees it: (DDP/compile-wrapped) under autocast.
         model: nn.Module = wrap(net) if wrap is not None else net
@@ -119,6 +93,29 @@ class Trainer:
         self.position = Position()
         self._sigma_edges = torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64)
         self._accum = self._new_accum()
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, *, device: torch.device | str = "cpu", rank: int = 0,
+                    wrap: Callable[[nn.Module], nn.Module] | None = None) -> Trainer:
+        """Build the components a TrainConfig names and a Trainer over them."""
+        device = torch.device(device)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        sde = build_sde(config.sde, **config.sde_kwargs)
+        net = build_unet(config.preset, **config.model_overrides).to(device)
+        if config.channels_last and device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
+        loss_kwargs = dict(config.loss_kwargs)
+        if config.label_dropout > 0 and getattr(net, "num_classes", None) is not None:
+            loss_kwargs.setdefault("label_dropout", config.label_dropout)
+            loss_kwargs.setdefault("null_label", net.null_label)
+        loss_fn = build_loss(config.loss, sde, **loss_kwargs)
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        # fused: one kernel for the whole update on CUDA (foreach is the default there, plain on CPU)
+        optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
+                            weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
+        return cls(config, net=net, sde=sde, loss_fn=loss_fn, optimizer=optimizer, ema=ema, device=device,
+                   rank=rank, wrap=wrap)
 
     # ---- optimisation ------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import storage
-from ..config import TrainConfig
+from .. import raykit, storage
+from ..config import RunOptions, TrainConfig
 from .checkpoint import (
     EMA_EXPORT,
     export_ema,
@@ -73,15 +73,7 @@ class _Job:
     config: dict[str, Any]
     data: str | None
     out: str
-    split: str
-    report_every: int
-    checkpoint_every: int
-    keep_last: int
-    shuffle_buffer: int
-    loader_workers: int
-    flip: bool
-    progress: bool
-    cpus_per_worker: float = 1.0
+    options: RunOptions
     batches: BatchesFactory | None = None
     on_step: StepHook | None = None
     evaluate: Callable[[Trainer], dict[str, Any]] | None = None
@@ -91,71 +83,54 @@ class _Job:
 # ---- driver ---------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, gpus_per_worker: float = 0.0,
-          cpus_per_worker: float = 1.0, report_every: int = 100, checkpoint_every: int = 1000,
-          keep_last: int = 3, max_failures: int = 3, resume: bool = False, split: str = "train",
-          shuffle_buffer: int = 1000, loader_workers: int = 0, flip: bool = True, progress: bool = True,
+def train(config: TrainConfig, *, data: str | None, out: str, options: RunOptions | None = None,
           batches: BatchesFactory | None = None, on_step: StepHook | None = None, run_name: str = "train",
-          health_check_interval_s: float | None = 0.5, callbacks: Sequence[Any] = (),
+          callbacks: Sequence[Any] = (),
           evaluate: Callable[[Trainer], dict[str, Any]] | None = None) -> TrainResult:
-    """Train `config` with `workers` Ray Train workers; checkpoints and EMA export under `out`.
+    """Train `config` with `options.workers` Ray Train workers; checkpoints and EMA export under `out`.
 
     `data` is a sharded dataset (folder or manifest URI). `batches` replaces the WebDataset loader
     (synthetic data for benchmarks); `on_step(trainer, x, labels)` runs in every worker after each step.
-    Without `resume`, `out` must hold no checkpoint; with it, the run continues from the latest one.
-    `callbacks` are Ray Train callbacks for the RunConfig (a Tune trial passes `TuneReportCallback`);
+    Without `options.resume`, `out` must hold no checkpoint; with it, the run continues from the latest.
+    `callbacks` are Ray Train callbacks for the RunConfig (a Tune trial passes its report callback);
     `evaluate(trainer) -> metrics` runs on rank 0 at every report and its metrics join that report.
     `RAY_ADDRESS` selects a cluster; otherwise a local one starts (and stops at the end).
     """
-    # Workers run in other folders (and on other nodes): local paths must be absolute.
-    out = _absolute(out)
-    data = _absolute(data) if data is not None else None
-    resume_step = validate_run(
-        config, data=data if batches is None else None, out=out, workers=workers,
-        gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, report_every=report_every,
-        checkpoint_every=checkpoint_every, keep_last=keep_last, max_failures=max_failures, resume=resume,
-        split=split, shuffle_buffer=shuffle_buffer, loader_workers=loader_workers,
-        need_data=batches is None)
-    if health_check_interval_s is not None:
-        if not health_check_interval_s > 0:
-            raise ValueError(f"health_check_interval_s must be > 0, got {health_check_interval_s}")
+    options = options or RunOptions()
+    out = raykit.absolute(out)
+    data = raykit.absolute(data) if data is not None else None
+    resume_step = validate_run(config, data=data if batches is None else None, out=out, options=options,
+                               need_data=batches is None)
+    if options.health_check_interval_s is not None:
         # Ray Train V2 forwards this variable from the driver to its controller and workers.
-        os.environ.setdefault(HEALTH_CHECK_ENV, str(health_check_interval_s))
+        os.environ.setdefault(HEALTH_CHECK_ENV, str(options.health_check_interval_s))
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if resume_step is not None:
         log.info("resuming %s from step %d", out, resume_step)
-    started = _ensure_ray()
-    try:
-        check_cluster(workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
-        job = _Job(config=config.to_dict(), data=data, out=out, split=split, report_every=report_every,
-                   checkpoint_every=checkpoint_every, keep_last=keep_last, shuffle_buffer=shuffle_buffer,
-                   loader_workers=loader_workers, flip=flip, progress=progress,
-                   cpus_per_worker=cpus_per_worker, batches=batches,
+    with raykit.session():
+        check_cluster(options)
+        job = _Job(config=config.to_dict(), data=data, out=out, options=options, batches=batches,
                    on_step=on_step, evaluate=evaluate, env=storage.worker_env())
-        resources = {"CPU": float(cpus_per_worker)}
-        if gpus_per_worker > 0:
-            resources["GPU"] = float(gpus_per_worker)
-        storage_path, storage_fs = ray_storage(storage.join(out, "ray"))
+        resources = {"CPU": float(options.cpus_per_worker)}
+        if options.gpus_per_worker > 0:
+            resources["GPU"] = float(options.gpus_per_worker)
+        storage_path, storage_fs = raykit.ray_storage(storage.join(out, "ray"))
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"job": job},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+            scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-                                 failure_config=FailureConfig(max_failures=max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+                                 failure_config=FailureConfig(max_failures=options.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=options.keep_last),
                                  callbacks=list(callbacks) or None),
         )
         t0 = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - t0
-    finally:
-        if started:
-            ray.shutdown()
     history_uri = storage.join(out, HISTORY)
     history = storage.read_json(history_uri) if storage.exists(history_uri) else []
     final = list_checkpoints(out)
@@ -164,10 +139,8 @@ def train(config: TrainConfig, *, data: str | None, out: str, workers: int = 1, 
                        history=history, ray_path=getattr(result, "path", None), seconds=seconds)
 
 
-def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: int, gpus_per_worker: float,
-                 cpus_per_worker: float, report_every: int, checkpoint_every: int, keep_last: int,
-                 max_failures: int, resume: bool, split: str = "train", shuffle_buffer: int = 1000,
-                 loader_workers: int = 0, need_data: bool = True) -> int | None:
+def validate_run(config: TrainConfig, *, data: str | None, out: str, options: RunOptions | None = None,
+                 need_data: bool = True) -> int | None:
     """Check a run before any worker starts; ValueError naming the field otherwise.
 
     Returns the step of the checkpoint a resumed run continues from (None for a fresh run).
@@ -176,19 +149,10 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: in
     from ..diffusion.sde import build_sde
     from ..models import preset_config
 
-    _check_int("workers", workers, 1)
-    _check_int("report_every", report_every, 1)
-    _check_int("checkpoint_every", checkpoint_every, 1)
-    _check_int("keep_last", keep_last, 1)
-    _check_int("max_failures", max_failures, -1)  # -1: retry forever, as Ray's FailureConfig
-    _check_int("shuffle_buffer", shuffle_buffer, 0)
-    _check_int("loader_workers", loader_workers, 0)
-    if not gpus_per_worker >= 0:
-        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
-    if not cpus_per_worker > 0:
-        raise ValueError(f"cpus_per_worker must be > 0, got {cpus_per_worker}")
-    if config.batch_size % workers:
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={workers} "
+    options = options or RunOptions()
+    options.validate()
+    if config.batch_size % options.workers:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={options.workers} "
                          "(it is the global batch, split evenly across ranks)")
     net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
     sde = build_sde(config.sde, **config.sde_kwargs)
@@ -196,7 +160,7 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: in
     if need_data:
         if data is None:
             raise ValueError("data: a sharded dataset URI is required (folder holding manifest.json)")
-        _check_data(data, split, net_cfg, workers)
+        _check_data(data, config, net_cfg, options)
     storage.check_writable(out)
     if storage.is_local(out):
         # os.access says yes to root everywhere (even /proc): write a real probe file.
@@ -207,7 +171,7 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: in
         except OSError as e:
             raise ValueError(f"out={out}: cannot be written ({e})") from e
     latest = list_checkpoints(out)
-    if latest and not resume:
+    if latest and not options.resume:
         raise ValueError(f"out={out} already holds checkpoints (latest: step {latest[-1][0]}); "
                          "pass resume=True (--resume) to continue that run, or choose another out")
     if latest and latest[-1][0] > config.steps:
@@ -215,16 +179,21 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, workers: in
     return latest[-1][0] if latest else None
 
 
-def _check_data(data: str, split: str, net_cfg: dict[str, Any], workers: int) -> None:
-    """The dataset's manifest exists, has `split` with a shard per rank, and its images and labels fit
-    the network."""
+def _check_data(data: str, config: TrainConfig, net_cfg: dict[str, Any], options: RunOptions) -> None:
+    """The dataset's manifest exists, has the split with a shard per rank and a batch per rank, its
+    images and labels fit the network, and its augmentation is allowed."""
     from ..data.manifest import read_manifest, shard_entries
 
     manifest = read_manifest(data)  # ValueError when there is no manifest
+    split, workers = options.split, options.workers
     shards = shard_entries(manifest, split)  # ValueError when the split is missing
     if len(shards) < workers:
         raise ValueError(f"data={data}: split {split!r} has {len(shards)} shards, fewer than "
                          f"workers={workers} (shards are split by rank): reshard with a smaller --shard-size")
+    count = (manifest.get("counts") or {}).get(split)
+    if count is not None and config.batch_size > int(count):
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {count} images of split {split!r} "
+                         f"of data={data}: choose batch_size <= {count}")
     shape = _image_shape(manifest.get("image"))
     want = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
     if shape is not None and tuple(shape) != want:
@@ -233,6 +202,10 @@ def _check_data(data: str, split: str, net_cfg: dict[str, Any], workers: int) ->
     k, n = net_cfg.get("num_classes"), manifest.get("num_classes")
     if k is not None and n is not None and n > k:
         raise ValueError(f"data={data}: {n} classes, but the preset's network has num_classes={k}")
+    if config.xflip:
+        from ..data.augment import check_xflip
+
+        check_xflip(manifest, data)
 
 
 def _image_shape(image: Any) -> tuple[int, int, int] | None:
@@ -252,48 +225,15 @@ def _image_shape(image: Any) -> tuple[int, int, int] | None:
     return None
 
 
-def _absolute(uri: str) -> str:
-    return storage.split_scheme(uri)[1] if storage.is_local(uri) else uri
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or int(value) != value or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _ensure_ray() -> bool:
-    """Connect to `RAY_ADDRESS` or start a local cluster; True when this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = storage.worker_env()  # endpoints and regions (no secrets) for workers on other nodes
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-             runtime_env={"env_vars": env} if env else None, log_to_driver=True)
-    return True
-
-
-def check_cluster(*, workers: int, gpus_per_worker: float, cpus_per_worker: float) -> None:
-    """ValueError when the connected Ray cluster cannot place `workers` workers of this size."""
-    import ray
-
-    total = ray.cluster_resources()
-    for name, per in (("GPU", gpus_per_worker), ("CPU", cpus_per_worker)):
+def check_cluster(options: RunOptions) -> None:
+    """ValueError when the connected Ray cluster cannot place the run's workers."""
+    total = raykit.cluster_resources()
+    workers = options.workers
+    for name, per in (("GPU", options.gpus_per_worker), ("CPU", options.cpus_per_worker)):
         need, have = workers * per, float(total.get(name, 0.0))
         if per > 0 and need > have:
             raise ValueError(f"{'gpus' if name == 'GPU' else 'cpus'}_per_worker={per:g} × workers={workers} "
                              f"needs {need:g} {name}s but the Ray cluster has {have:g}")
-
-
-def ray_storage(uri: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray's RunConfig: a local path, or the fsspec filesystem of
-    storage.py (same endpoint and options) behind pyarrow, with a path without its scheme."""
-    if storage.is_local(uri):
-        return storage.split_scheme(uri)[1], None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.get_fs(uri)
-    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 # ---- worker ---------------------------------------------------------------------------------------
@@ -314,7 +254,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         # Intra-op threads beyond the worker's CPUs oversubscribe the node (10x slower on 2 cores).
-        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(job.options.cpus_per_worker)))
     config = TrainConfig.from_dict(job.config)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and world > 1
 
@@ -322,8 +262,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(net, device_ids=ids, output_device=ids[0] if ids else None)
 
-    trainer = Trainer(config, device=device, rank=rank, wrap=ddp if distributed else None,
-                      batch_size_per_rank=config.batch_size // world)
+    trainer = Trainer.from_config(config, device=device, rank=rank, wrap=ddp if distributed else None)
     history = _resume(trainer, job, rank, world, distributed)
 
     per_rank = config.batch_size // world
@@ -334,7 +273,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
         batches = _wds_batches(job, rank=rank, world_size=world, batch_size=per_rank, seed=config.seed)
     reporter = _Reporter(job, trainer, rank=rank, world=world, distributed=distributed, history=history)
     bar = None
-    if job.progress and rank == 0:
+    if job.options.progress and rank == 0:
         from ray.experimental.tqdm_ray import tqdm
 
         bar = tqdm(desc="train", total=config.steps, unit="step")
@@ -346,8 +285,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
         if job.on_step is not None:
             job.on_step(tr, x, labels)
 
-    fit(trainer, batches, steps=config.steps, report_every=job.report_every, on_report=reporter.on_report,
-        checkpoint_every=job.checkpoint_every, on_checkpoint=reporter.on_checkpoint, on_step=on_step)
+    fit(trainer, batches, steps=config.steps, report_every=job.options.report_every,
+        on_report=reporter.on_report, checkpoint_every=job.options.checkpoint_every,
+        on_checkpoint=reporter.on_checkpoint, on_step=on_step)
     if bar is not None:
         bar.close()
     if rank == 0:
@@ -385,10 +325,12 @@ def _wds_batches(job: _Job, *, rank: int, world_size: int, batch_size: int,
     """This rank's share of the WebDataset shards, reshuffled per epoch from (seed, epoch)."""
     from ..data.loader import make_loader
 
+    xflip = bool(job.config.get("xflip", False))
+
     def batches(epoch: int) -> Iterable[Batch]:
-        return make_loader(job.data, split=job.split, batch_size=batch_size,
-                           shuffle_buffer=job.shuffle_buffer, seed=seed, epoch=epoch, flip=job.flip,
-                           num_workers=job.loader_workers, rank=rank, world_size=world_size,
+        return make_loader(job.data, split=job.options.split, batch_size=batch_size,
+                           shuffle_buffer=job.options.shuffle_buffer, seed=seed, epoch=epoch, flip=xflip,
+                           num_workers=job.options.loader_workers, rank=rank, world_size=world_size,
                            drop_last=True)  # equal batches: the EMA step and compiled graphs assume them
 
     return batches
@@ -405,7 +347,7 @@ class _Reporter:
         self.pending: dict[str, Any] | None = None
 
     def _is_checkpoint_step(self, step: int) -> bool:
-        return step % self.job.checkpoint_every == 0 or step == self.trainer.config.steps
+        return step % self.job.options.checkpoint_every == 0 or step == self.trainer.config.steps
 
     def on_report(self, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -437,7 +379,7 @@ class _Reporter:
             return
         state = trainer.state_dict()
         state["ranks"] = ranks
-        uri = save_checkpoint(self.job.out, state, keep_last=self.job.keep_last)
+        uri = save_checkpoint(self.job.out, state, keep_last=self.job.options.keep_last)
         storage.write_json(storage.join(self.job.out, HISTORY), self.history)
         metrics = {**metrics, "checkpoint": uri}
         with tempfile.TemporaryDirectory() as tmp:
@@ -469,4 +411,4 @@ def _summary(m: dict[str, Any], steps: int) -> str:
             f"lr {m['lr']:.2e}  {m['img_per_s']:,.0f} img/s  skipped {m['skipped_steps']}")
 
 
-__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "ray_storage", "train", "validate_run"]
+__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "train", "validate_run"]

@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from ..config import TrainConfig
+from ..recipes import GUIDANCE_WEIGHTS
 
 
 def _csv(kind: type) -> Any:
@@ -86,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--fid-n", type=int, default=256)
     s.add_argument("--fid-steps", type=int, default=16)
     s.add_argument("--heldout-n", type=int, default=256)
-    s.add_argument("--no-flip", action="store_true")
+    s.add_argument("--xflip", action="store_true", help="random horizontal flips in every trial (off)")
     s.add_argument("--name", default="schedules", help="Tune experiment name")
     s.set_defaults(func=_schedules)
 
@@ -96,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint", help="trainer checkpoint or EMA export URI")
     g.add_argument("--data", help="sharded dataset URI (FID reference)")
     g.add_argument("--classifier", help="domain classifier URI (features and precision)")
-    g.add_argument("--w", type=_csv(float), default=(0.0, 0.5, 1.0, 2.0, 4.0), help="default: 0,0.5,1,2,4")
+    g.add_argument("--w", type=_csv(float), default=GUIDANCE_WEIGHTS,
+                   help=f"default: {','.join(f'{w:g}' for w in GUIDANCE_WEIGHTS)}")
     g.add_argument("--samplers", type=_csv(str), default=("heun",), help="default: heun")
     g.add_argument("--steps", type=_csv(int), default=(16,), help="default: 16")
     g.add_argument("--n", type=int, default=500, help="samples per point")
@@ -141,6 +143,7 @@ def _schedules(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps,
             ema_halflife_kimg=args.ema_halflife_kimg,
             seed=args.seed,
+            xflip=args.xflip,
         )
         res = search_schedules(
             _space(args.space),
@@ -162,7 +165,6 @@ def _schedules(args: argparse.Namespace) -> int:
             fid_n=args.fid_n,
             fid_steps=args.fid_steps,
             heldout_n=args.heldout_n,
-            flip=not args.no_flip,
             name=args.name,
         )
     stopped = sum(r["stopped_early"] for r in res.rows)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .. import storage
-from .schedules import TUNE_DIR, _absolute, _experiment
+from .. import raykit, storage
+from ..recipes import GUIDANCE_WEIGHTS
 
 SWEEP_FILE = "sweep.json"
 POINTS_DIR = "points"
@@ -40,7 +40,7 @@ class GuidanceSweep:
     data: str
     classifier: str
     out: str
-    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+    weights: tuple[float, ...] = GUIDANCE_WEIGHTS
     samplers: tuple[str, ...] = ("heun",)
     steps: tuple[int, ...] = (16,)
     n: int = 500
@@ -79,7 +79,7 @@ def validate_sweep(sweep: GuidanceSweep) -> Any:
     a conditional model, classifier and data of one resolution. Returns the loaded model."""
     from ..diffusion import samplers as core
     from ..evaluation.classifier import load_classifier
-    from ..evaluation.sampling import load_model_for_sampling
+    from ..training.checkpoint import load_model
 
     if not sweep.weights:
         raise ValueError("weights: give at least one guidance weight w")
@@ -100,7 +100,7 @@ def validate_sweep(sweep: GuidanceSweep) -> Any:
         and not os.environ.get("RAY_ADDRESS")
     ):
         raise ValueError(f"device={sweep.device!r} but no CUDA device is visible and no RAY_ADDRESS is set")
-    model = load_model_for_sampling(sweep.checkpoint)
+    model = load_model(sweep.checkpoint)
     if model.num_classes is None:
         raise ValueError(
             f"checkpoint {sweep.checkpoint} is unconditional (preset {model.config.preset!r}): "
@@ -142,56 +142,27 @@ def sweep_guidance(
     for k in ("weights", "samplers", "steps"):
         if k in options:
             options[k] = tuple(options[k])
-    sweep = GuidanceSweep(
-        checkpoint=_absolute(checkpoint),
-        data=_absolute(data),
-        classifier=_absolute(classifier),
-        out=_absolute(out),
-        **options,
-    )
+    sweep = GuidanceSweep(checkpoint=raykit.absolute(checkpoint), data=raykit.absolute(data),
+                          classifier=raykit.absolute(classifier), out=raykit.absolute(out), **options)
     validate_sweep(sweep)
-    from .schedules import _connect, concurrent_trials
-
-    started = _connect()
-    try:
-        concurrent = concurrent_trials(
-            {"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial},
-            requested=sweep.max_concurrent,
-            detail="one guidance point",
-        )
+    with raykit.session():
+        concurrent = raykit.concurrent_trials({"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial},
+                                              requested=sweep.max_concurrent, detail="one guidance point")
         _reference(sweep)  # computed once here and cached on storage; trials read the cache
         storage.write_json(storage.join(sweep.out, SWEEP_FILE), sweep.to_dict())
-        results = _tuner(sweep, concurrent, callbacks).fit()
+        space = {k: raykit.search_dim("grid", getattr(sweep, a))
+                 for k, a in (("sampler", "samplers"), ("steps", "steps"), ("w", "weights"))}
+        results = raykit.tune_fit(_trainable(sweep), param_space=space, out=sweep.out, name=sweep.name,
+                                  metric="fid", mode="min", max_concurrent=concurrent, callbacks=callbacks)
         return _finish(sweep, results)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def restore_guidance(out: str) -> dict[str, Any]:
     """Finish an interrupted sweep from its storage; finished points are not redrawn."""
-    from ray import tune
-
-    from .schedules import _connect, _restorable
-
-    sweep, path, fs = _restorable(_absolute(out), SWEEP_FILE, GuidanceSweep.from_dict, "guidance sweep")
-    started = _connect()
-    try:
-        tuner = tune.Tuner.restore(
-            path,
-            trainable=_trainable(sweep),
-            resume_unfinished=True,
-            restart_errored=True,
-            storage_filesystem=fs,
-        )
-        return _finish(sweep, tuner.fit())
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    sweep, path, fs = raykit.restorable(raykit.absolute(out), SWEEP_FILE, GuidanceSweep.from_dict,
+                                        "guidance sweep")
+    with raykit.session():
+        return _finish(sweep, raykit.tune_restore(path, fs, _trainable(sweep)))
 
 
 def _reference(sweep: GuidanceSweep, device: str = "cpu") -> tuple[Any, Any]:
@@ -204,93 +175,30 @@ def _reference(sweep: GuidanceSweep, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def _trainable(sweep: GuidanceSweep) -> Any:
-    from ray import tune
-
-    resources = {"CPU": sweep.cpus_per_trial}
-    if sweep.gpus_per_trial:
-        resources["GPU"] = sweep.gpus_per_trial
-    return tune.with_resources(tune.with_parameters(guidance_trial, sweep=sweep.to_dict()), resources)
-
-
-def _tuner(sweep: GuidanceSweep, concurrent: int, callbacks: Sequence[Any]) -> Any:
-    from ray import tune
-
-    from ..training.ray_train import ray_storage
-
-    storage_path, fs = ray_storage(storage.join(sweep.out, TUNE_DIR))
-    space = {
-        "sampler": tune.grid_search(list(sweep.samplers)),
-        "steps": tune.grid_search(list(sweep.steps)),
-        "w": tune.grid_search(list(sweep.weights)),
-    }
-    return tune.Tuner(
-        _trainable(sweep),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric="fid", mode="min", max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(
-            name=sweep.name,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            callbacks=list(callbacks) or None,
-            verbose=1,
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
+    return raykit.trainable(guidance_trial, {"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial},
+                            sweep=sweep.to_dict())
 
 
 # ---- one point ----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def draw_point(
-    model: Any, *, sampler: str, steps: int, w: float, n: int, seed: int, batch_size: int, levels: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """n samples (float, [-1, 1], CPU) of one point, their labels and the NFE per sample."""
-    from ..evaluation.sampling import SamplingPlan, generate
-
-    plan = SamplingPlan(
-        n=n,
-        method=sampler,
-        steps=steps,
-        guidance=float(w),
-        base_seed=seed,
-        batch_size=min(batch_size, n),
-        levels=levels,
-    )
-    plan.validate(model)
-    xs, labels, nfe = [], [], []
-    for b in range(plan.num_blocks()):
-        idx = list(plan.block(b))
-        x, k = generate(model, plan, idx, noise_seed=plan.block_noise_seed(b))
-        xs.append(x.float().cpu())
-        labels.append(plan.labels(idx, model.num_classes))
-        nfe.append(k)
-    return torch.cat(xs), torch.cat(labels), sum(nfe) / len(nfe)
-
-
 def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """One Tune trial: draw and score the samples of (sampler, steps, w)."""
-    from ray import tune
-
     from ..evaluation.bpd import dataset_levels
-    from ..evaluation.sampling import load_model_for_sampling
-    from .metrics import fid_and_precision
+    from ..evaluation.generate import SamplingPlan, draw_all
+    from ..evaluation.scoring import score_samples
+    from ..training.checkpoint import load_model
 
     s = GuidanceSweep.from_dict(sweep)
     device = s.device if s.device.startswith("cuda") else "cpu"
     sampler, steps, w = str(config["sampler"]), int(config["steps"]), float(config["w"])
-    model = load_model_for_sampling(s.checkpoint, device=device)
+    model = load_model(s.checkpoint, device=device)
     extractor, reference = _reference(s, device)
     levels = dataset_levels(s.data)
-    x, labels, nfe = draw_point(
-        model, sampler=sampler, steps=steps, w=w, n=s.n, seed=s.seed, batch_size=s.batch_size, levels=levels
-    )
-    if torch.isfinite(x).all():
-        scores = fid_and_precision(
-            x, labels, extractor=extractor, reference=reference, levels=levels, classifier=extractor.model
-        )
-    else:
-        scores = {"fid": math.inf, "precision": 0.0}
+    plan = SamplingPlan(n=s.n, method=sampler, steps=steps, guidance=w, base_seed=s.seed,
+                        batch_size=min(s.batch_size, s.n), levels=levels)
+    x, labels, nfe = draw_all(model, plan)
+    scores = score_samples(x, labels, extractor=extractor, reference=reference, levels=levels)
     uri = point_uri(s.out, sampler, steps, w)
     buf = io.BytesIO()
     torch.save(
@@ -316,7 +224,7 @@ def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
         "samples": storage.join(uri, "samples.pt"),
     }
     storage.write_json(storage.join(uri, "score.json"), result)
-    tune.report(result)
+    raykit.report(result)
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -338,8 +246,7 @@ def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
     from .report import write_guidance_report
 
     rows = []
-    # ResultGrid keeps the Tune trials (status, config, last result) in its experiment analysis.
-    for trial in results._experiment_analysis.trials:
+    for trial in raykit.trials_of(results):
         m = trial.last_result or {}
         rows.append(
             {
@@ -363,14 +270,13 @@ def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
         "best": best,
         "report": report,
         "complete": complete,
-        "experiment": _experiment(sweep)[0],
+        "experiment": raykit.experiment_path(sweep.out, sweep.name)[0],
     }
 
 
 __all__ = [
     "GuidanceSweep",
     "best_weights",
-    "draw_point",
     "guidance_trial",
     "point_uri",
     "restore_guidance",

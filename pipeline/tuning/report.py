@@ -30,14 +30,13 @@ GUIDANCE_COLUMNS = ("sampler", "steps", "nfe", "w", "fid", "precision", "n", "st
 # ---- rows ------------------------------------------------------------------------------------------
 
 
-def schedule_rows(search: Any, results: Any) -> list[dict[str, Any]]:
-    """One row per trial of a Tune ResultGrid: status, point, last reported metrics, attempts."""
+def schedule_rows(search: Any, trials: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per Tune trial: status, point, last reported metrics, attempts."""
     from . import spaces
-    from .schedules import load_trial
+    from .store import load_trial
 
     rows = []
-    # ResultGrid keeps the Tune trials (status, config, last result) in its experiment analysis.
-    for trial in results._experiment_analysis.trials:
+    for trial in trials:
         m = trial.last_result or {}
         point = spaces.resolve(trial.config)
         rec = load_trial(search.out, trial.trial_id)

@@ -226,21 +226,10 @@ def check_space_with(space: dict[str, Dim], base: TrainConfig) -> None:
 
 def to_param_space(space: dict[str, Dim]) -> dict[str, Any]:
     """The Ray Tune param_space of a space."""
-    from ray import tune
+    from .. import raykit
 
-    out: dict[str, Any] = {}
-    for name, dim in space.items():
-        if dim.kind == "fixed":
-            out[name] = dim.values[0]
-        elif dim.kind == "grid":
-            out[name] = tune.grid_search(list(dim.values))
-        elif dim.kind == "choice":
-            out[name] = tune.choice(list(dim.values))
-        elif dim.kind == "uniform":
-            out[name] = tune.uniform(*dim.values)
-        else:
-            out[name] = tune.loguniform(*dim.values)
-    return out
+    return {name: dim.values[0] if dim.kind == "fixed" else raykit.search_dim(dim.kind, dim.values)
+            for name, dim in space.items()}
 
 
 __all__ = [

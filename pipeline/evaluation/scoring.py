@@ -1,5 +1,5 @@
-"""The numbers a search ranks trials by: a held-out denoising loss comparable across noise processes,
-FID of a small sample with the domain classifier's precision, and bits/dim (continuous ELBO).
+"""Trial scoring: the numbers a search ranks trials by: a held-out denoising loss comparable across
+noise processes, FID of a small sample with the domain classifier's precision, and bits/dim (continuous ELBO).
 
 Trials of a schedule search train under different SDEs and loss weightings, so their training losses
 are not comparable. The held-out loss here fixes everything but the model: the same held-out images,
@@ -14,7 +14,10 @@ end and scored at the requested σ̃: a schedule that never sees a noise level i
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,7 +115,7 @@ def fid_and_precision(
 ) -> dict[str, float]:
     """FID of samples x ([-1, 1], [N, C, H, W]) against `reference` stats; with a classifier and the
     labels the samples were conditioned on, its accuracy on them (the precision proxy)."""
-    from ..evaluation.features import snap_to_levels
+    from ..diffusion.dequantize import snap_to_levels
     from ..evaluation.fid import feature_stats, frechet_distance
 
     if x.shape[0] < 2:
@@ -129,4 +132,110 @@ def fid_and_precision(
     return out
 
 
-__all__ = ["batched_heldout_loss", "edm_levels", "edm_weight", "fid_and_precision", "heldout_denoising_loss"]
+# ---- in the Train worker: scoring a trial's EMA model at each report --------------------------------
+
+
+@dataclass(frozen=True)
+class TrialScoring:
+    """What a trial is scored by and on how much data (the schedule search's evaluation settings)."""
+
+    evaluations: tuple[str, ...]
+    seed: int = 0
+    heldout_n: int = 256
+    heldout_levels: int = 8
+    fid_n: int = 256
+    fid_sampler: str = "heun"
+    fid_steps: int = 16
+    bpd_samples: int = 4
+    batch_size: int = 256
+
+
+class TrialEvaluator:
+    """Runs on rank 0 at each report: held-out loss, FID (+ precision) of a small sample, bits/dim.
+    Data, classifier and reference statistics load in the worker at the first call, never on the driver."""
+
+    def __init__(self, data: str, scoring: TrialScoring, *, classifier: str | None = None,
+                 stats_cache: str | None = None) -> None:
+        self.data, self.scoring, self.classifier, self.stats_cache = data, scoring, classifier, stats_cache
+        self._cache: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}
+
+    def _setup(self, device: torch.device) -> dict[str, Any]:
+        c, sc = self._cache, self.scoring
+        if c:
+            return c
+        from .bpd import dataset_levels
+        from .classifier import load_split
+
+        c["levels"] = dataset_levels(self.data)
+        if {"heldout_loss", "bpd"} & set(sc.evaluations):
+            x, y = load_split(self.data, "test")
+            c["x"], c["y"] = x[: sc.heldout_n], y[: sc.heldout_n]
+        if "fid" in sc.evaluations:
+            from .features import build_extractor
+            from .fid import reference_stats
+
+            c["extractor"] = build_extractor("domain", weights=self.classifier, device=device)
+            c["reference"] = reference_stats(self.data, c["extractor"], split="train",
+                                             cache_uri=self.stats_cache)
+        return c
+
+    @torch.no_grad()
+    def __call__(self, trainer: Any) -> dict[str, float]:
+        from ..training.checkpoint import SamplingModel
+
+        t0 = time.perf_counter()
+        sc = self.scoring
+        c = self._setup(trainer.device)
+        model = SamplingModel.from_trainer(trainer)
+        conditional = model.num_classes is not None
+        out: dict[str, float] = {}
+        if "heldout_loss" in sc.evaluations:
+            out["heldout_loss"] = batched_heldout_loss(
+                lambda labels: model.score_fn(labels if conditional else None), model.sde, c["x"], c["y"],
+                levels=sc.heldout_levels, seed=sc.seed, batch_size=sc.batch_size, device=trainer.device)
+        if "fid" in sc.evaluations:
+            out.update(self._fid(model, c))
+        if "bpd" in sc.evaluations:
+            out["bpd"] = self._bpd(model, c, trainer.device)
+        out["eval_seconds"] = time.perf_counter() - t0
+        return {k: (v if math.isfinite(v) else math.inf) for k, v in out.items()}
+
+    def _fid(self, model: Any, c: dict[str, Any]) -> dict[str, float]:
+        from .generate import SamplingPlan, draw_all
+
+        sc = self.scoring
+        plan = SamplingPlan(n=sc.fid_n, method=sc.fid_sampler, steps=sc.fid_steps, base_seed=sc.seed,
+                            batch_size=min(sc.fid_n, sc.batch_size), levels=c["levels"])
+        x, y, _ = draw_all(model, plan)
+        return score_samples(x, y, extractor=c["extractor"], reference=c["reference"], levels=c["levels"])
+
+    def _bpd(self, model: Any, c: dict[str, Any], device: torch.device) -> float:
+        from ..diffusion.elbo import continuous_elbo
+
+        x, y, bs = c["x"], c["y"], self.scoring.batch_size
+        g = torch.Generator().manual_seed(self.scoring.seed)  # CPU draws: the same on every device
+        total = 0.0
+        for i in range(0, x.shape[0], bs):
+            xb = x[i : i + bs].to(device)
+            labels = y[i : i + bs].to(device) if model.num_classes is not None else None
+            res = continuous_elbo(model.score_fn(labels), model.sde, xb, n_samples=self.scoring.bpd_samples,
+                                  dequantize={"levels": c["levels"]}, generator=g)
+            total += float(res.bpd.double().sum())
+        return total / x.shape[0]
+
+
+def score_samples(x: Tensor, labels: Tensor | None, *, extractor: Any, reference: Any,
+                  levels: int) -> dict[str, float]:
+    """FID (and, for conditional samples, the domain classifier's precision) of float samples; a
+    non-finite sample scores FID = inf, precision 0."""
+    if not torch.isfinite(x).all():
+        return {"fid": math.inf, **({"precision": 0.0} if labels is not None else {})}
+    return fid_and_precision(x, labels, extractor=extractor, reference=reference, levels=levels,
+                             classifier=extractor.model if labels is not None else None)
+
+
+__all__ = ["TrialEvaluator", "TrialScoring", "batched_heldout_loss", "edm_levels", "edm_weight",
+           "fid_and_precision", "heldout_denoising_loss", "score_samples"]
