@@ -154,7 +154,7 @@ def likelihood_stage(checkpoint: str, data: str, out: str, *, max_samples: int =
     score_fn = model.score_fn(None)
     common = {"batch_size": batch_size, "seed": seed, "split": split, "max_samples": max_samples}
     ode = evaluate_bpd(score_fn, model.sde, data, rtol=rtol, atol=atol, **common)
-    elbo = evaluate_elbo(score_fn, model.sde, data, kind="continuous", n_samples=elbo_samples, **common)
+    elbo = evaluate_elbo(score_fn, model.sde, data, n_samples=elbo_samples, **common)
     result = {"checkpoint": model.describe(), "data": data, "split": split, "ode": ode, "elbo": elbo}
     markdown = reports.likelihood_markdown(result)
     storage.write_json(RunLayout.likelihood(out), result)

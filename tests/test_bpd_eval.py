@@ -6,13 +6,16 @@ import math
 import pytest
 import torch
 
+from pipeline.diffusion.elbo import eps_fn_from_score
 from pipeline.diffusion.likelihood import ode_likelihood
 from pipeline.diffusion.schedules import DDPMSchedule
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.toy import GaussianMixture
 from pipeline.evaluation.bpd import (
+    Part,
     evaluate_bpd,
     evaluate_bpd_ray,
+    evaluate_ddpm_elbo,
     evaluate_elbo,
     iter_batches,
     merge_summaries,
@@ -50,8 +53,8 @@ def test_merging_parts_equals_the_whole_with_random_probes():
     gm, sde, x = mixture(), VPSDE(), data(12)
     opts = dict(batch_size=3, n_probes=2, seed=7, progress=False, **FAST)
     whole = evaluate_bpd(gm.score_fn(sde), sde, x, **opts)
-    parts = [evaluate_bpd(gm.score_fn(sde), sde, x[:6], batch_offset=0, **opts),
-             evaluate_bpd(gm.score_fn(sde), sde, x[6:], batch_offset=2, **opts)]
+    parts = [evaluate_bpd(gm.score_fn(sde), sde, x[:6], part=Part(batch_offset=0), **opts),
+             evaluate_bpd(gm.score_fn(sde), sde, x[6:], part=Part(batch_offset=2), **opts)]
     merged = merge_summaries(parts)
     for key in ("bpd", "bpd_stderr", "bpd_m2", "nfe_mean", "mc_stderr_mean"):
         assert merged[key] == pytest.approx(whole[key], rel=1e-10, abs=1e-14), key
@@ -73,8 +76,8 @@ def test_elbo_summaries_bound_the_true_bits_per_dim():
     assert cont["bpd"] > true_bpd - 3 * cont["bpd_stderr"]
     assert cont["bpd"] < true_bpd + 3 * cont["bpd_stderr"] + 0.02
     sched = DDPMSchedule.linear(200)
-    ddpm = evaluate_elbo(gm.score_fn(sched.vp_sde()), None, x, kind="ddpm", schedule=sched, batch_size=20,
-                         decoder="gaussian", progress=False)
+    ddpm = evaluate_ddpm_elbo(eps_fn_from_score(gm.score_fn(sched.vp_sde()), sched), sched, x, batch_size=20,
+                              decoder="gaussian", progress=False)
     assert ddpm["bpd"] > true_bpd - 3 * ddpm["bpd_stderr"]
     assert sum(ddpm["terms"].values()) == pytest.approx(ddpm["bpd"], rel=1e-10)
     assert ddpm["settings"]["schedule"]["N"] == 200
@@ -132,9 +135,7 @@ def test_bad_input_is_rejected():
         evaluate_bpd(f, sde, x, generator=torch.Generator(), progress=False)
     with pytest.raises(ValueError, match="trace"):
         evaluate_bpd(f, sde, x, trace="none", progress=False)
-    with pytest.raises(ValueError, match="kind"):
-        evaluate_elbo(f, sde, x, kind="iwae", progress=False)
-    with pytest.raises(ValueError, match="schedule"):
-        evaluate_elbo(f, sde, x, kind="ddpm", progress=False)
+    with pytest.raises(ValueError, match="n_samples"):
+        evaluate_elbo(f, sde, x, n_samples=0, progress=False)
     with pytest.raises(ValueError, match="num_workers"):
         evaluate_bpd_ray(functools.partial(gm.score_fn, sde), sde.config(), x, num_workers=0)

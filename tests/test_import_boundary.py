@@ -139,3 +139,33 @@ def _is_package(mod: str) -> bool:
 
 def test_the_cycle_check_can_fail():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _public_functions(pkg: str):
+    """(file, qualified name, parameter count) of every public function and method under `pkg`."""
+    for f in _sources(pkg):
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                funcs = [(f"{node.name}.{n.name}", n) for n in node.body
+                         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            elif isinstance(node, ast.Module):
+                funcs = [(n.name, n) for n in node.body
+                         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+            else:
+                continue
+            for name, fn in funcs:
+                if any(part.startswith("_") for part in name.split(".")):
+                    continue
+                a = fn.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs
+                          if p.arg not in ("self", "cls")]
+                params += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                yield str(f.relative_to(ROOT)), name, len(params)
+
+
+def test_no_public_function_takes_more_than_a_dozen_parameters():
+    """Options that travel together are one small frozen dataclass (RunOptions, SamplingPlan, ...)."""
+    big = [(f, name, n) for pkg in ("pipeline", "flows") for f, name, n in _public_functions(pkg)
+           if n > 12 and not f.endswith("cli.py")]
+    assert not big

@@ -15,18 +15,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.elbo import EpsFn, continuous_elbo, ddpm_elbo, eps_fn_from_score
+from pipeline.diffusion.elbo import EpsFn, continuous_elbo, ddpm_elbo
 from pipeline.diffusion.likelihood import ode_likelihood
 from pipeline.diffusion.schedules import DDPMSchedule
 from pipeline.diffusion.sde import SDE, ScoreFn, build_sde
 
 Data = Tensor | Iterable[Any] | str
-ELBO_KINDS: tuple[str, ...] = ("continuous", "ddpm")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -184,10 +184,44 @@ def _known_size(data: Data, max_samples: int | None) -> int | None:
 # ---- evaluation -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Part:
+    """Which part of the data one call evaluates, so that parts merge into the single-process result:
+    rank r of `world_size` reads shards r, r + W, … of a dataset URI; `batch_offset` numbers a tensor
+    part's first batch as in the whole (each batch draws from its own (seed, rank, batch) stream)."""
+
+    rank: int = 0
+    world_size: int = 1
+    batch_offset: int = 0
+
+
+def _evaluate(bound: Callable[[Tensor, torch.Generator], Any], data: Data, *, desc: str, batch_size: int,
+              seed: int, progress: bool, device: torch.device | str | None, split: str,
+              max_samples: int | None,
+              part: Part | None) -> tuple[list[Tensor], list[Tensor], list[int], list[Any]]:
+    """Run `bound(x, generator)` over the batches of `data`; per-batch bpd, MC stderr, NFE and results."""
+    part = part or Part()
+    bpds, errs, nfe, results = [], [], [], []
+    with _progress(_known_size(data, max_samples), desc, progress) as bar:
+        for b, x in enumerate(iter_batches(data, batch_size, split=split, max_samples=max_samples,
+                                           rank=part.rank, world_size=part.world_size)):
+            x = x.to(device) if device is not None else x
+            res = bound(x, _generator(seed, part.rank, part.batch_offset + b, x.device))
+            bpds.append(res.bpd.detach().cpu())
+            if getattr(res, "bpd_stderr", None) is not None:
+                errs.append(res.bpd_stderr.detach().cpu())
+            nfe.append(res.nfe)
+            results.append(res)
+            bar.update(x.shape[0])
+            bar.set_postfix(bpd=f"{float(torch.cat(bpds).mean()):.4f}")
+    if not bpds:
+        raise ValueError("data is empty: no samples to evaluate")
+    return bpds, errs, nfe, results
+
+
 def evaluate_bpd(score_fn: ScoreFn, sde: SDE, data: Data, *, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, device: torch.device | str | None = None, split: str = "test",
-                 max_samples: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 batch_offset: int = 0, **options: Any) -> dict:
+                 max_samples: int | None = None, part: Part | None = None, **options: Any) -> dict:
     """Bits/dim by `ode_likelihood` over all of `data`, batch by batch; returns a summary dict
     (bpd, bpd_stderr over samples, nfe_mean per batch, n, settings, ...). For a dataset URI,
     dequantisation defaults to the manifest's levels."""
@@ -195,80 +229,59 @@ def evaluate_bpd(score_fn: ScoreFn, sde: SDE, data: Data, *, batch_size: int = 6
     batch_size = _check_batch_size(batch_size)
     if isinstance(data, str) and "dequantize" not in options:
         options["dequantize"] = {"levels": dataset_levels(data)}
-    bpds, errs, nfe = [], [], []
     start = time.perf_counter()
-    with _progress(_known_size(data, max_samples), "bits/dim (ODE)", progress) as bar:
-        for b, x in enumerate(iter_batches(data, batch_size, split=split, max_samples=max_samples,
-                                           rank=rank, world_size=world_size)):
-            x = x.to(device) if device is not None else x
-            gen = _generator(seed, rank or 0, batch_offset + b, x.device)
-            res = ode_likelihood(score_fn, sde, x, generator=gen, **options)
-            bpds.append(res.bpd.detach().cpu())
-            errs.append(res.bpd_stderr.detach().cpu())
-            nfe.append(res.nfe)
-            bar.update(x.shape[0])
-            bar.set_postfix(bpd=f"{float(torch.cat(bpds).mean()):.4f}", nfe=res.nfe)
-    if not bpds:
-        raise ValueError("data is empty: no samples to evaluate")
+    bpds, errs, nfe, _ = _evaluate(
+        lambda x, g: ode_likelihood(score_fn, sde, x, generator=g, **options), data, desc="bits/dim (ODE)",
+        batch_size=batch_size, seed=seed, progress=progress, device=device, split=split,
+        max_samples=max_samples, part=part)
     settings = _settings(sde, batch_size, seed, options, metric="ode")
     return summarize(torch.cat(bpds), nfe, metric="bpd-ode", settings=settings,
                      seconds=time.perf_counter() - start, mc_stderr=torch.cat(errs))
 
 
-def evaluate_elbo(score_fn: ScoreFn | None, sde: SDE | None, data: Data, *, kind: str = "continuous",
-                  schedule: DDPMSchedule | None = None, eps_fn: EpsFn | None = None, batch_size: int = 64,
-                  seed: int = 0, progress: bool = True, device: torch.device | str | None = None,
-                  split: str = "test", max_samples: int | None = None, rank: int | None = None,
-                  world_size: int | None = None, batch_offset: int = 0, **options: Any) -> dict:
-    """The variational bound in bits/dim over `data`, summarised like `evaluate_bpd`. kind="continuous"
-    runs `continuous_elbo(score_fn, sde, ...)`; kind="ddpm" runs `ddpm_elbo` on `eps_fn` (or on
-    `score_fn` through `eps_fn_from_score`) with `schedule`, and adds the mean per-term breakdown."""
+def evaluate_elbo(score_fn: ScoreFn, sde: SDE, data: Data, *, batch_size: int = 64, seed: int = 0,
+                  progress: bool = True, device: torch.device | str | None = None, split: str = "test",
+                  max_samples: int | None = None, part: Part | None = None, **options: Any) -> dict:
+    """The continuous-time variational bound (`continuous_elbo`) in bits/dim over `data`, summarised
+    like `evaluate_bpd`."""
     _pop_generator(options)
     batch_size = _check_batch_size(batch_size)
-    if kind not in ELBO_KINDS:
-        raise ValueError(f"kind must be one of {ELBO_KINDS}, got {kind!r}")
-    if kind == "continuous":
-        if score_fn is None or sde is None:
-            raise ValueError("kind='continuous' needs score_fn and sde")
-        if isinstance(data, str) and "dequantize" not in options:
-            options["dequantize"] = {"levels": dataset_levels(data)}
-    else:
-        if schedule is None:
-            raise ValueError("kind='ddpm' needs schedule (a DDPMSchedule)")
-        if eps_fn is None:
-            if score_fn is None:
-                raise ValueError("kind='ddpm' needs eps_fn or score_fn")
-            eps_fn = eps_fn_from_score(score_fn, schedule)
-        discretized = options.get("decoder", "discretized") == "discretized"
-        if isinstance(data, str) and "levels" not in options and discretized:
-            options["levels"] = dataset_levels(data)
-    bpds, errs, nfe = [], [], []
-    terms: dict[str, list[Tensor]] = {"prior": [], "diffusion": [], "decoder": []}
+    if isinstance(data, str) and "dequantize" not in options:
+        options["dequantize"] = {"levels": dataset_levels(data)}
     start = time.perf_counter()
-    with _progress(_known_size(data, max_samples), f"bits/dim (ELBO, {kind})", progress) as bar:
-        for b, x in enumerate(iter_batches(data, batch_size, split=split, max_samples=max_samples,
-                                           rank=rank, world_size=world_size)):
-            x = x.to(device) if device is not None else x
-            gen = _generator(seed, rank or 0, batch_offset + b, x.device)
-            if kind == "continuous":
-                res = continuous_elbo(score_fn, sde, x, generator=gen, **options)
-                errs.append(res.bpd_stderr.detach().cpu())
-            else:
-                res = ddpm_elbo(eps_fn, schedule, x, generator=gen, **options)
-                for key, val in (("prior", res.prior_bpd), ("diffusion", res.diffusion_bpd),
-                                 ("decoder", res.decoder_bpd)):
-                    terms[key].append(val.detach().cpu())
-            bpds.append(res.bpd.detach().cpu())
-            nfe.append(res.nfe)
-            bar.update(x.shape[0])
-            bar.set_postfix(bpd=f"{float(torch.cat(bpds).mean()):.4f}")
-    if not bpds:
-        raise ValueError("data is empty: no samples to evaluate")
-    extra = {"schedule": {"kind": schedule.kind, "N": schedule.N, **schedule.params}} if schedule else {}
-    settings = _settings(sde, batch_size, seed, options, metric=f"elbo-{kind}", **extra)
-    return summarize(torch.cat(bpds), nfe, metric=f"elbo-{kind}", settings=settings,
-                     seconds=time.perf_counter() - start, mc_stderr=torch.cat(errs) if errs else None,
-                     terms={k: torch.cat(v) for k, v in terms.items()} if kind == "ddpm" else None)
+    bpds, errs, nfe, _ = _evaluate(
+        lambda x, g: continuous_elbo(score_fn, sde, x, generator=g, **options), data,
+        desc="bits/dim (ELBO, continuous)", batch_size=batch_size, seed=seed, progress=progress,
+        device=device, split=split, max_samples=max_samples, part=part)
+    settings = _settings(sde, batch_size, seed, options, metric="elbo-continuous")
+    return summarize(torch.cat(bpds), nfe, metric="elbo-continuous", settings=settings,
+                     seconds=time.perf_counter() - start, mc_stderr=torch.cat(errs))
+
+
+def evaluate_ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, data: Data, *, batch_size: int = 64,
+                       seed: int = 0, progress: bool = True, device: torch.device | str | None = None,
+                       split: str = "test", max_samples: int | None = None, part: Part | None = None,
+                       **options: Any) -> dict:
+    """The discrete DDPM bound (`ddpm_elbo`, Ho et al. 2020, eq. 5) of an ε-network on `schedule`'s
+    chain in bits/dim over `data`, with the mean per-term breakdown (prior, diffusion, decoder). A score
+    model is read as an ε-network with `elbo.eps_fn_from_score`."""
+    _pop_generator(options)
+    batch_size = _check_batch_size(batch_size)
+    discretized = options.get("decoder", "discretized") == "discretized"
+    if isinstance(data, str) and "levels" not in options and discretized:
+        options["levels"] = dataset_levels(data)
+    start = time.perf_counter()
+    bpds, _, nfe, results = _evaluate(
+        lambda x, g: ddpm_elbo(eps_fn, schedule, x, generator=g, **options), data,
+        desc="bits/dim (ELBO, ddpm)",
+        batch_size=batch_size, seed=seed, progress=progress, device=device, split=split,
+        max_samples=max_samples, part=part)
+    terms = {key: torch.cat([getattr(r, f"{key}_bpd").detach().cpu() for r in results])
+             for key in ("prior", "diffusion", "decoder")}
+    extra = {"schedule": {"kind": schedule.kind, "N": schedule.N, **schedule.params}}
+    settings = _settings(None, batch_size, seed, options, metric="elbo-ddpm", **extra)
+    return summarize(torch.cat(bpds), nfe, metric="elbo-ddpm", settings=settings,
+                     seconds=time.perf_counter() - start, terms=terms)
 
 
 # ---- Ray fan-out ----------------------------------------------------------------------------------
@@ -306,7 +319,7 @@ def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, dat
     refs = []
     if isinstance(data, str):
         for r in range(num_workers):
-            kwargs = dict(common, rank=r, world_size=num_workers, max_samples=max_samples)
+            kwargs = dict(common, part=Part(rank=r, world_size=num_workers), max_samples=max_samples)
             refs.append((make_score_fn, sde_config, data, use_gpu, kwargs))
     else:
         if not isinstance(data, Tensor):
@@ -319,7 +332,7 @@ def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, dat
         per = -(-len(batches) // num_workers)
         for first in range(0, len(batches), per):
             part = torch.cat(batches[first:first + per]).cpu()
-            kwargs = dict(common, batch_offset=first)
+            kwargs = dict(common, part=Part(batch_offset=first))
             refs.append((make_score_fn, sde_config, part, use_gpu, kwargs))
     from .. import raykit
 
@@ -333,6 +346,7 @@ def evaluate_bpd_ray(make_score_fn: Callable[[], ScoreFn], sde_config: dict, dat
 
 
 __all__ = [
-    "ELBO_KINDS", "dataset_levels", "evaluate_bpd", "evaluate_bpd_ray", "evaluate_elbo", "iter_batches",
+    "Part", "dataset_levels", "evaluate_bpd", "evaluate_bpd_ray", "evaluate_ddpm_elbo", "evaluate_elbo",
+    "iter_batches",
     "merge_summaries", "summarize",
 ]
