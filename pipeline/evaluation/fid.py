@@ -242,16 +242,6 @@ def feature_stats(features: np.ndarray, **meta: Any) -> FeatureStats:
     return acc.stats(**meta)
 
 
-def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
-    """FID between two statistics computed with the same extractor and weights."""
-    if (a.extractor_id, a.weights_sha256) != (b.extractor_id, b.weights_sha256):
-        raise ValueError(
-            f"statistics come from different extractors: {a.extractor_id} "
-            f"({a.weights_sha256[:12]}) vs {b.extractor_id} ({b.weights_sha256[:12]})"
-        )
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-
-
 # ---- reference statistics, cached per dataset -------------------------------------------------------
 
 STATS_DIR = "fid-stats"
@@ -355,13 +345,36 @@ def reference_stats(
     return stats
 
 
+def matched_floor(ref: FeatureStats, n: int, *, draws: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Real-vs-real FID at the samples' own N: `draws` sets of n real images (drawn without replacement
+    from the reference's kept raw features) scored against the reference statistics, as the samples
+    are. FID is biased upward roughly like 1/N, so a sample's FID means something only beside a floor
+    at its N. The real images belong to the reference itself, which makes this floor a little lower
+    than independent real images would score: a gate "FID ≤ k × floor" judged by it is strict."""
+    if ref.features is None or ref.features.shape[0] < 2:
+        raise ValueError("the reference statistics kept no raw features: recompute them (refresh=True)")
+    pool = ref.features.shape[0]
+    m = min(int(n), pool)
+    if m < 2:
+        raise ValueError(f"a floor needs n >= 2 images, got n={n}")
+    rng = np.random.default_rng(seed)
+    fids = []
+    for _ in range(draws):
+        acc = StatsAccumulator()
+        acc.update(ref.features[rng.choice(pool, m, replace=False)].astype(np.float64))
+        s = acc.stats()
+        fids.append(frechet_distance(s.mu, s.sigma, ref.mu, ref.sigma))
+    return {"fid": float(np.mean(fids)), "min": float(np.min(fids)), "max": float(np.max(fids)), "n": m,
+            "draws": draws, "rule": f"{draws} draws of {m} real reference images against the reference"}
+
+
 __all__ = [
     "FeatureStats",
     "StatsAccumulator",
     "feature_stats",
-    "fid_from_stats",
     "frechet_distance",
     "kernel_inception_distance",
+    "matched_floor",
     "mmd2_unbiased",
     "reference_key",
     "reference_stats",

@@ -12,7 +12,14 @@ import numpy as np
 
 from .. import storage
 from .features import FeatureExtractor
-from .fid import FeatureStats, StatsAccumulator, frechet_distance, kernel_inception_distance, reference_stats
+from .fid import (
+    FeatureStats,
+    StatsAccumulator,
+    frechet_distance,
+    kernel_inception_distance,
+    matched_floor,
+    reference_stats,
+)
 from .sampling import GRID_FILE, SAMPLES_SPLIT
 
 RESULT_PREFIX = "eval"
@@ -29,28 +36,46 @@ def sample_features(
     return np.concatenate(feats, 0), loader.levels
 
 
-def score_features(
-    features: np.ndarray,
-    ref: FeatureStats,
-    *,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """FID (and KID when the reference kept raw features) of `features` against `ref`."""
+def class_accuracy(samples_uri: str, classifier: Any, *, levels: int) -> float:
+    """The domain classifier's accuracy on the labels conditional samples were drawn for (read as
+    stored: on the data's grid of levels)."""
+    from ..diffusion.dequantize import snap_to_levels
+    from .classifier import accuracy
+    from .sampling import read_samples
+
+    x, labels, _ = read_samples(samples_uri)
+    return accuracy(classifier, snap_to_levels(x, levels), labels)
+
+
+def kid_applies(extractor_id: str) -> bool:
+    """KID's cubic polynomial kernel k(x, y) = (xᵀy/d + 1)³ is calibrated for Inception's pool3
+    features (Bińkowski et al. 2018, §2.2: features of order one); on unnormalised classifier features
+    its values run to 10⁵ and mean nothing, so KID is reported for Inception features only."""
+    return extractor_id.startswith("inception")
+
+
+KID_OMITTED = ("KID omitted: its polynomial kernel is calibrated for Inception features, not for these "
+               "domain-classifier features")
+
+
+def score_features(features: np.ndarray, ref: FeatureStats, *, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """FID of `features` against `ref`, the real-vs-real floor at the same N, and KID (×1, the unbiased
+    MMD² of Bińkowski et al. 2018) where it applies and the reference kept raw features."""
     acc = StatsAccumulator()
     acc.update(features)
     gen = acc.stats()
-    out: dict[str, Any] = {
-        "fid": frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma),
-        "n": int(features.shape[0]),
-    }
-    if ref.features is not None and ref.features.shape[0] >= 2 and features.shape[0] >= 2:
-        m = min(kid_subset_size, features.shape[0], ref.features.shape[0])
-        mean, std = kernel_inception_distance(
-            features, ref.features, subsets=kid_subsets, subset_size=m, seed=seed
-        )
-        out["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": m}
+    n = int(features.shape[0])
+    out: dict[str, Any] = {"fid": frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma), "n": n}
+    if ref.features is not None and ref.features.shape[0] >= 2 and n >= 2:
+        out["floor"] = matched_floor(ref, n, seed=seed)
+        if kid_applies(ref.extractor_id):
+            m = min(kid_subset_size, n, ref.features.shape[0])
+            mean, std = kernel_inception_distance(features, ref.features, subsets=kid_subsets, subset_size=m,
+                                                  seed=seed)
+            out["kid"] = {"mean": mean, "std": std, "subsets": kid_subsets, "subset_size": m}
+        else:
+            out["kid_note"] = KID_OMITTED
     return out
 
 
@@ -87,10 +112,16 @@ def evaluate_samples(
             f"{samples_uri}: read {features.shape[0]} samples, the record says {rec['plan']['n']}"
         )
     scores = score_features(features, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    if hasattr(extractor, "model") and rec.get("labels") is not None:
+        levels = int(manifest["levels"])
+        scores["class_accuracy"] = class_accuracy(samples_uri, extractor.model, levels=levels)
     result = {
         "fid": scores["fid"],
         "kid": scores.get("kid"),
-        "floor": ref.meta.get("floor"),
+        "kid_note": scores.get("kid_note"),
+        "floor": scores.get("floor"),
+        "class_accuracy": scores.get("class_accuracy"),
+        "halves_floor": ref.meta.get("floor"),
         "n": scores["n"],
         "extractor": extractor.describe(),
         "reference": {
@@ -130,54 +161,52 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One row per evaluation: the figure and everything needed to reproduce it."""
-    head = (
-        "| FID | KID (×10³) | floor FID | N | extractor | weights | ref stats | sampler | steps | NFE | w | "
-        "seeds | checkpoint |"
-    )
+    """One row per evaluation: the figure, its floor at the same N, and everything needed to reproduce it."""
+    head = ("| FID | floor at N (min–max) | N | class accuracy | KID (×10³) | extractor | weights | "
+            "ref stats | sampler | steps | NFE | w | seeds | checkpoint |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         kid = r.get("kid")
-        kid_s = f"{1e3 * kid['mean']:.3f} ± {1e3 * kid['std']:.3f}" if kid else "–"
-        floor = (r.get("floor") or {}).get("fid")
-        s = r["seeds"]
-        nfe = r["nfe"]
-        nfe_s = (
-            f"{nfe['mean']:g}"
-            if nfe["min"] == nfe["max"]
-            else f"{nfe['mean']:.1f} ({nfe['min']}–{nfe['max']})"
-        )
-        ck = r["checkpoint"]
+        kid_s = f"{1e3 * kid['mean']:.3f} ± {1e3 * kid['std']:.3f}" if kid else "omitted"
+        fl = r.get("floor") or {}
+        floor_s = f"{_fmt(fl.get('fid'))} ({_fmt(fl.get('min'))}–{_fmt(fl.get('max'))})" if fl else "–"
+        s, nfe, ck = r["seeds"], r["nfe"], r["checkpoint"]
+        nfe_s = (f"{nfe['mean']:g}" if nfe["min"] == nfe["max"]
+                 else f"{nfe['mean']:.1f} ({nfe['min']}–{nfe['max']})")
         lines.append(
-            f"| {_fmt(r['fid'])} | {kid_s} | {_fmt(floor)} | {r['n']} | {r['extractor']['id']} | "
-            f"`{r['extractor']['weights_sha256'][:12]}` | `{r['reference']['sha256'][:12]}` | "
-            f"{r['sampler']} | "
-            f"{r['steps']} | {nfe_s} | {r['guidance_w']:g} | {s['first']}…{s['last']} | "
-            f"{ck['uri']} (`{ck['sha256'][:12]}`, step {ck.get('step')}) |"
-        )
+            f"| {_fmt(r['fid'])} | {floor_s} | {r['n']} | {_fmt(r.get('class_accuracy'))} | {kid_s} | "
+            f"{r['extractor']['id']} | `{r['extractor']['weights_sha256'][:12]}` | "
+            f"`{r['reference']['sha256'][:12]}` | "
+            f"{r['sampler']} | {r['steps']} | {nfe_s} | {r['guidance_w']:g} | {s['first']}…{s['last']} | "
+            f"{ck['uri']} (`{ck['sha256'][:12]}`, step {ck.get('step')}) |")
     return "\n".join(lines) + "\n"
 
 
 def markdown_report(result: dict[str, Any]) -> str:
-    """The markdown page of one evaluation: table, floor, reference and the sample grid."""
+    """The markdown page of one evaluation: table, floor, reference and the sample grid (embedded)."""
+    from .. import reports
+
     floor = result.get("floor") or {}
     ref = result["reference"]
     parts = [
         f"# Evaluation of {result['samples']['uri']}\n",
         markdown_table([result]),
-        f"- Real-vs-real floor: FID {_fmt(floor.get('fid'))} between the two disjoint halves of the "
-        f"reference split ({floor.get('n_per_half')} images); FID is biased upward at small N, "
-        "so compare with it.",
+        f"- Real-vs-real floor at the samples' N: FID {_fmt(floor.get('fid'))} ({floor.get('rule', '–')}); "
+        "FID is biased upward at small N, so a sample's FID is read beside the floor at its own N.",
+        f"- {result['kid_note']}." if result.get("kid_note") else
+        "- KID: the unbiased MMD² with the cubic polynomial kernel (Bińkowski et al. 2018), ×10³.",
         f"- Reference: {ref['data']} split `{ref['split']}` ({ref['n']} images, "
         f"resolution {ref['resolution']}), "
         f"manifest sha256 `{(ref['manifest_sha256'] or '')[:16]}`, statistics `{ref['uri']}`.",
         f"- Seeds: {result['seeds']['rule']}; in-trajectory noise: {result['seeds']['in_trajectory_noise']}.",
         f"- Created {result['created']}.",
         "",
-        f"![samples]({GRID_FILE})",
-        "",
     ]
+    grid = result["samples"]["grid"]
+    if storage.exists(grid):
+        parts += [reports.embed_png(storage.read_bytes(grid), "samples", link=grid), ""]
     return "\n".join(parts)
 
 
-__all__ = ["evaluate_samples", "markdown_report", "markdown_table", "sample_features", "score_features"]
+__all__ = ["class_accuracy", "evaluate_samples", "kid_applies", "markdown_report", "markdown_table",
+           "sample_features", "score_features"]

@@ -116,13 +116,16 @@ def fid_and_precision(
     """FID of samples x ([-1, 1], [N, C, H, W]) against `reference` stats; with a classifier and the
     labels the samples were conditioned on, its accuracy on them (the precision proxy)."""
     from ..diffusion.dequantize import snap_to_levels
-    from ..evaluation.fid import feature_stats, frechet_distance
+    from ..evaluation.fid import feature_stats, frechet_distance, matched_floor
 
     if x.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 samples, got {x.shape[0]}")
     feats = extractor.extract(x, levels=levels)
     gen = feature_stats(feats)
     out = {"fid": frechet_distance(gen.mu, gen.sigma, reference.mu, reference.sigma)}
+    if reference.features is not None:
+        floor = matched_floor(reference, x.shape[0])
+        out.update(floor=floor["fid"], floor_min=floor["min"], floor_max=floor["max"])
     if classifier is not None and labels is not None:
         from ..evaluation.classifier import accuracy
 
@@ -232,7 +235,10 @@ def score_samples(x: Tensor, labels: Tensor | None, *, extractor: Any, reference
     """FID (and, for conditional samples, the domain classifier's precision) of float samples; a
     non-finite sample scores FID = inf, precision 0."""
     if not torch.isfinite(x).all():
-        return {"fid": math.inf, **({"precision": 0.0} if labels is not None else {})}
+        from .fid import matched_floor
+
+        floor = matched_floor(reference, x.shape[0])["fid"] if reference.features is not None else None
+        return {"fid": math.inf, "floor": floor, **({"precision": 0.0} if labels is not None else {})}
     return fid_and_precision(x, labels, extractor=extractor, reference=reference, levels=levels,
                              classifier=extractor.model if labels is not None else None)
 

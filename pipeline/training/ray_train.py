@@ -42,6 +42,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .loop import Batch, Trainer, fit, unwrap
+from .progress import write_progress
 
 log = logging.getLogger(__name__)
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -359,6 +360,7 @@ class _Reporter:
         if self.rank == 0:
             self.history.append(metrics)
             _say(_summary(metrics, self.trainer.config.steps))
+            write_progress(self.job.out, metrics, self.trainer.config.steps)
         if self._is_checkpoint_step(metrics["step"]):
             self.pending = metrics  # reported with the checkpoint, right after this
             return

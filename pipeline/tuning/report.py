@@ -3,12 +3,12 @@ FID-versus-bits/dim Pareto front), written next to the search on storage."""
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from .. import storage
+from ..plots import png, pyplot
 
 SCHEDULE_COLUMNS = (
     "trial_id",
@@ -122,24 +122,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 # ---- plots -----------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_pareto(rows: Sequence[dict[str, Any]], uri: str) -> str | None:
     """FID versus bits/dim of every trial with both; the Pareto front joins the trials that trained to
     the end (an early-stopped trial's numbers are from fewer steps and are drawn hollow). None when no
@@ -148,7 +130,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], uri: str) -> str | None:
     if not pts:
         return None
     full = [r for r in pts if not r.get("stopped_early")]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([r["bpd"] for r in full], [r["fid"] for r in full], c="tab:gray", label="trials")
     early = [r for r in pts if r.get("stopped_early")]
@@ -174,7 +156,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], uri: str) -> str | None:
     ax.set_ylabel("FID (domain features)")
     ax.set_title("FID versus bits/dim")
     ax.legend()
-    storage.write_bytes(uri, _png(fig))
+    storage.write_bytes(uri, png(fig))
     return uri
 
 
@@ -184,7 +166,7 @@ def _finite(v: Any) -> bool:
 
 def plot_fid_vs_w(rows: Sequence[dict[str, Any]], uri: str) -> str:
     """FID (left axis) and classifier precision (right axis) versus w, one line per sampler and NFE."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax2 = ax.twinx()
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -197,12 +179,15 @@ def plot_fid_vs_w(rows: Sequence[dict[str, Any]], uri: str) -> str:
         (line,) = ax.plot([r["w"] for r in g], [r["fid"] for r in g], "o-", label=label)
         if all(r.get("precision") is not None for r in g):
             ax2.plot([r["w"] for r in g], [r["precision"] for r in g], "s--", c=line.get_color(), alpha=0.6)
+    floors = [r["floor"] for r in rows if _finite(r.get("floor"))]
+    if floors:  # real-vs-real at the points' N: the FID no sampler can beat
+        ax.axhline(sum(floors) / len(floors), color="tab:gray", ls=":", label="real-vs-real floor at N")
     ax.set_xlabel("guidance weight w")
     ax.set_ylabel("FID (solid)")
     ax2.set_ylabel("classifier accuracy (dashed)")
     ax.set_title("FID versus w")
     ax.legend(fontsize=8)
-    storage.write_bytes(uri, _png(fig))
+    storage.write_bytes(uri, png(fig))
     return uri
 
 
