@@ -7,15 +7,18 @@ moves by its exact transition x_t = α_{t|s} x_s + σ_{t|s} z with
     α_{t|s} = α_t / α_s,    σ_{t|s}² = σ_t² − α_{t|s}² σ_s²,
 and Tweedie's formula gives the posterior mean of x_0: x̂_0 = (x_t + σ_t² ∇log p_t(x_t)) / α_t.
 
-Each sampler takes (score_fn, sde, x_T, *, steps, generator, ..., callback) and returns the sample;
-`sample` draws x_T from the prior, counts score evaluations (NFE) and returns both. All randomness
-comes from the torch.Generator passed in, so a seed fixes the result.
+Each sampler takes (score_fn, sde, x_T, *, steps, generator, noise, ..., callback) and returns the
+sample; `sample` draws x_T from the prior (or takes the x_T it is given), counts score evaluations
+(NFE) and returns both. Every in-trajectory normal draw goes through one noise source: a callable
+`noise(x) -> Tensor` shaped like x in EDM's manner (`randn_like`), or else the torch.Generator passed
+in, so a seed fixes the result. `per_sample_noise` and `per_sample_prior` give each sample its own
+generator, so that sample k regenerated alone equals row k of a batch run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +28,13 @@ from .schedules import time_grid
 from .sde import SDE, VESDE, ScoreFn, expand_like
 
 Callback = Callable[[dict[str, Any]], None]
+NoiseFn = Callable[[Tensor], Tensor]  # randn_like(x): a standard normal draw with the shape of x
 
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4")
 VARIANCES: tuple[str, ...] = ("beta", "beta_tilde")
 GRIDS: tuple[str, ...] = ("uniform", "karras")
+SNR_NORMS: tuple[str, ...] = ("batch", "sample")
 
 
 class ScoreCounter:
@@ -57,8 +62,43 @@ def _coeffs(sde: SDE, t: float) -> tuple[Tensor, Tensor]:
     return alpha[0], sigma[0]
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _noise(x: Tensor, generator: torch.Generator | None, noise: NoiseFn | None = None) -> Tensor:
+    """One standard normal draw shaped like x: from `noise` when given (it takes precedence), else
+    from `generator`."""
+    if noise is not None:
+        z = noise(x)
+        if z.shape != x.shape:
+            raise ValueError(f"noise(x) must return a tensor of shape {tuple(x.shape)}, got {tuple(z.shape)}")
+        return z.to(device=x.device, dtype=x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def per_sample_noise(generators: Sequence[torch.Generator]) -> NoiseFn:
+    """A noise source whose row i of every draw comes from generators[i] (shape x.shape[1:]), so each
+    sample has its own stream and does not depend on the batch it is run in."""
+    gens = list(generators)
+    if not gens:
+        raise ValueError("generators must hold one torch.Generator per sample, got none")
+
+    def randn_like(x: Tensor) -> Tensor:
+        if x.shape[0] != len(gens):
+            raise ValueError(f"per_sample_noise has {len(gens)} generators but x has batch size {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                            for g in gens])
+
+    return randn_like
+
+
+def per_sample_prior(sde: SDE, shape: Sequence[int], generators: Sequence[torch.Generator],
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """x_T of `shape` [B, ...] whose row i is `sde.prior_sampling` drawn with generators[i]."""
+    shape = tuple(int(n) for n in shape)
+    gens = list(generators)
+    if len(shape) < 2 or shape[0] != len(gens):
+        raise ValueError(f"shape must be [B, ...] with B = len(generators) = {len(gens)}, got {shape}")
+    rows = [sde.prior_sampling((1, *shape[1:]), generator=g, device=device) for g in gens]
+    x = torch.cat(rows)
+    return x if dtype is None else x.to(dtype)
 
 
 def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
@@ -93,8 +133,9 @@ def _emit(callback: Callback | None, i: int, t: float, x: Tensor, denoised: Tens
 
 
 def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
-                     generator: torch.Generator | None, eps: float = 1e-3, variance: str = "beta_tilde",
-                     grid: str = "uniform", denoise: bool = True, callback: Callback | None = None,
+                     generator: torch.Generator | None = None, noise: NoiseFn | None = None,
+                     eps: float = 1e-3, variance: str = "beta_tilde", grid: str = "uniform",
+                     denoise: bool = True, callback: Callback | None = None,
                      progress: bool = False) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2; SMLD: Song et al. 2021, App. F, eq. 47).
 
@@ -115,12 +156,13 @@ def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
         mean = (x + var_ts * score) / a_ts
         # β̃ = σ_{t|s}² σ_s² / σ_t² is the variance of q(x_s | x_t, x_0) (Ho et al. 2020, eq. 7).
         var = var_ts if variance == "beta" else var_ts * s_s**2 / s_t**2
-        x = mean + math.sqrt(var) * _noise(x, generator)
+        x = mean + math.sqrt(var) * _noise(x, generator, noise)
         _emit(callback, i, t, x, x0_hat)
     return _tweedie(score_fn, sde, x, ts[-1]) if denoise else x
 
 
-def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generator: torch.Generator | None,
+def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
+                generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                 eps: float = 1e-3, eta: float = 0.0, grid: str = "uniform", denoise: bool = True,
                 callback: Callback | None = None, progress: bool = False) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) in (α, σ) form:
@@ -141,7 +183,7 @@ def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generat
         sigma_eta = eta * math.sqrt(var_ts * s_s**2 / s_t**2)
         x = a_s * x0_hat + math.sqrt(max(s_s**2 - sigma_eta**2, 0.0)) * eps_hat
         if sigma_eta > 0:
-            x = x + sigma_eta * _noise(x, generator)
+            x = x + sigma_eta * _noise(x, generator, noise)
         _emit(callback, i, t, x, x0_hat)
     return _tweedie(score_fn, sde, x, ts[-1]) if denoise else x
 
@@ -150,8 +192,9 @@ def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generat
 
 
 def sample_euler_maruyama(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
-                          generator: torch.Generator | None, eps: float = 1e-3, denoise: bool = True,
-                          callback: Callback | None = None, progress: bool = False) -> Tensor:
+                          generator: torch.Generator | None = None, noise: NoiseFn | None = None,
+                          eps: float = 1e-3, denoise: bool = True, callback: Callback | None = None,
+                          progress: bool = False) -> Tensor:
     """Euler–Maruyama on the reverse SDE dx = [f − g² ∇log p_t] dt + g dw̄ (Song et al. 2021, eq. 6),
     uniform grid from T to eps."""
     ts = time_grid(sde, steps, eps=eps).tolist()
@@ -160,7 +203,7 @@ def sample_euler_maruyama(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: in
     for i in _steps(steps, progress, "euler_maruyama"):
         t, dt = ts[i], ts[i + 1] - ts[i]  # dt < 0: time runs backwards
         drift, diffusion = rsde.sde(x, _vec(t, x))
-        x = x + drift * dt + expand_like(diffusion, x) * math.sqrt(-dt) * _noise(x, generator)
+        x = x + drift * dt + expand_like(diffusion, x) * math.sqrt(-dt) * _noise(x, generator, noise)
         _emit(callback, i, t, x, None)
     return _tweedie(score_fn, sde, x, ts[-1]) if denoise else x
 
@@ -186,8 +229,9 @@ def _langevin_alpha(chain: SDE, t: Tensor) -> Tensor:
     return alphas.to(t.device)[chain._time_index(t)].to(t.dtype)
 
 
-def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generator: torch.Generator | None,
-              eps: float = 1e-3, snr: float = 0.16, n_corrector: int = 1, denoise: bool = True,
+def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
+              generator: torch.Generator | None = None, noise: NoiseFn | None = None, eps: float = 1e-3,
+              snr: float = 0.16, n_corrector: int = 1, snr_norm: str = "batch", denoise: bool = True,
               callback: Callback | None = None, progress: bool = False) -> Tensor:
     """Predictor–corrector sampling (Song et al. 2021, Alg. 2/3, as score_sde's `pc_sampler`).
 
@@ -197,6 +241,8 @@ def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generator
     reverse-diffusion predictor step `sde.reverse(score_fn).discretize` (eq. 46). The chain's last step
     evaluates the score at eps and lands on the data; `denoise` drops its noise (score_sde's noise
     removal), which is the Tweedie step at eps at no extra NFE. NFE = steps · (1 + n_corrector).
+    snr_norm "batch" averages the norms over the batch as score_sde does; "sample" uses each sample's
+    own norms, so a sample does not depend on the others in its batch (regenerable alone).
     """
     chain = _with_chain_length(sde, steps)
     rsde = chain.reverse(score_fn)
@@ -207,22 +253,26 @@ def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generator
         alpha = expand_like(_langevin_alpha(chain, t), x) if n_corrector else None
         for _ in range(n_corrector):
             grad = score_fn(x, t)
-            z = _noise(x, generator)
-            # Norms averaged over the batch, as score_sde's LangevinCorrector.
-            grad_norm = grad.reshape(x.shape[0], -1).norm(dim=-1).mean()
-            noise_norm = z.reshape(x.shape[0], -1).norm(dim=-1).mean()
+            z = _noise(x, generator, noise)
+            grad_norm = grad.reshape(x.shape[0], -1).norm(dim=-1)
+            noise_norm = z.reshape(x.shape[0], -1).norm(dim=-1)
+            if snr_norm == "batch":  # averaged over the batch, as score_sde's LangevinCorrector
+                grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+            else:
+                grad_norm, noise_norm = expand_like(grad_norm, x), expand_like(noise_norm, x)
             step = 2 * alpha * (snr * noise_norm / grad_norm) ** 2
             x = x + step * grad + torch.sqrt(2 * step) * z
         f, G = rsde.discretize(x, t)
         x_mean = x - f
-        x = x_mean + expand_like(G, x) * _noise(x, generator)
+        x = x_mean + expand_like(G, x) * _noise(x, generator, noise)
         _emit(callback, i, ts[i], x, None)
     return x_mean if denoise else x
 
 
 def sample_annealed_langevin(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
-                             generator: torch.Generator | None, eps: float = 1e-3, n_steps_each: int = 100,
-                             step_lr: float = 2e-5, denoise: bool = True, callback: Callback | None = None,
+                             generator: torch.Generator | None = None, noise: NoiseFn | None = None,
+                             eps: float = 1e-3, n_steps_each: int = 100, step_lr: float = 2e-5,
+                             denoise: bool = True, callback: Callback | None = None,
                              progress: bool = False) -> Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) on the VE process.
 
@@ -241,7 +291,7 @@ def sample_annealed_langevin(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps:
         t = _vec(sde.edm_sigma_inv(sigmas[i : i + 1]).item(), x)
         step = step_lr * float(sigmas[i]) ** 2 / sigma_L**2
         for _ in range(n_steps_each):
-            x = x + 0.5 * step * score_fn(x, t) + math.sqrt(step) * _noise(x, generator)
+            x = x + 0.5 * step * score_fn(x, t) + math.sqrt(step) * _noise(x, generator, noise)
         _emit(callback, i, float(ts[i]), x, None)
     return _tweedie(score_fn, sde, x, float(ts[-1])) if denoise else x
 
@@ -286,7 +336,8 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, eps: flo
     return _tweedie(score_fn, sde, x, eps) if denoise else x
 
 
-def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generator: torch.Generator | None,
+def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
+                generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                 eps: float = 1e-3, rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0,
                 S_tmax: float = float("inf"), S_noise: float = 1.0, denoise: bool = False,
                 callback: Callback | None = None, progress: bool = False) -> Tensor:
@@ -313,7 +364,7 @@ def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, generat
         gamma = min(S_churn / steps, math.sqrt(2) - 1) if S_tmin <= sigma <= S_tmax else 0.0
         sigma_hat = min(sigma * (1 + gamma), sigma_T)
         if sigma_hat > sigma:  # Alg. 2, lines 5–6: raise the noise level to σ̂ by adding fresh noise
-            x = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * _noise(x, generator)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * _noise(x, generator, noise)
         D = denoiser(x, sigma_hat)
         d = (x - D) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
@@ -333,7 +384,7 @@ _METHODS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
     "ancestral": (sample_ancestral, {"denoise": True, "variance": "beta_tilde", "grid": "uniform"}),
     "ddim": (sample_ddim, {"denoise": True, "eta": 0.0, "grid": "uniform"}),
     "euler_maruyama": (sample_euler_maruyama, {"denoise": True}),
-    "pc": (sample_pc, {"denoise": True, "snr": 0.16, "n_corrector": 1}),
+    "pc": (sample_pc, {"denoise": True, "snr": 0.16, "n_corrector": 1, "snr_norm": "batch"}),
     "annealed_langevin": (sample_annealed_langevin, {"denoise": True, "n_steps_each": 100, "step_lr": 2e-5}),
     "ode": (sample_ode, {"denoise": False, "solver": "dopri5", "rtol": 1e-5, "atol": 1e-5}),
     "heun": (sample_heun, {"denoise": False, "rho": 7.0, "S_churn": 0.0, "S_tmin": 0.0,
@@ -374,6 +425,7 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
         _require(isinstance(opts["snr"], num) and opts["snr"] > 0, "snr", opts["snr"], "> 0")
         n = opts["n_corrector"]
         _require(isinstance(n, int) and n >= 0, "n_corrector", n, "an int >= 0")
+        _require(opts["snr_norm"] in SNR_NORMS, "snr_norm", opts["snr_norm"], f"one of {SNR_NORMS}")
         alphas = getattr(_with_chain_length(sde, steps), "alphas", None)
         # A VP-type chain has β_i ≈ β(t_i)/steps, which must stay below 1 (Song et al. 2021, App. B).
         _require(alphas is None or bool((alphas > 0).all()), "steps", steps,
@@ -395,9 +447,27 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
             _require(isinstance(opts[key], num) and opts[key] >= 0, key, opts[key], ">= 0")
 
 
-def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], *, steps: int, seed: int,
+def _draws_noise(method: str, opts: dict[str, Any]) -> bool:
+    """Whether `method` with these options makes any in-trajectory normal draw."""
+    if method == "ode":
+        return False
+    if method == "ddim":
+        return opts["eta"] > 0
+    if method == "heun":
+        return opts["S_churn"] > 0
+    return True
+
+
+def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], *, steps: int,
+           seed: int | None = None, x_T: Tensor | None = None, noise: NoiseFn | None = None,
            device: torch.device | str | None = None, **options: Any) -> tuple[Tensor, int]:
-    """Draw x_T from the prior with `seed` and run `method`; returns (samples, NFE).
+    """Run `method` from x_T; returns (samples, NFE).
+
+    The start: `x_T` when given (a tensor of `shape`), else a draw of the prior with a generator seeded
+    with `seed`. The in-trajectory noise: `noise` (a callable randn_like(x), e.g. `per_sample_noise`)
+    when given, else the same seeded generator, which continues after x_T when x_T is drawn here; so
+    `sample(seed=s)` equals `sample(x_T=prior draw, noise=randn_like on that generator)`. `seed` is
+    needed unless x_T is given and the method draws no noise or `noise` is given.
 
     Options common to all methods: eps (end time, 1e-3), dtype (float32), progress, callback, denoise
     (a final Tweedie step at eps; default True for ancestral/ddim/euler_maruyama/pc/annealed_langevin,
@@ -415,20 +485,31 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
             f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}{hint}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if len(shape) < 2 or any(int(n) < 1 for n in shape):
         raise ValueError(f"shape must be [B, ...] with positive sizes, got {tuple(shape)}")
+    shape = tuple(int(n) for n in shape)
+    if x_T is not None and (not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape):
+        got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be a tensor of shape {shape}, got {got}")
+    if noise is not None and not callable(noise):
+        raise ValueError(f"noise must be None or a callable randn_like(x), got {noise!r}")
     opts = {**allowed, **options}
     check_options(method, sde, steps, opts)
+    if seed is None and (x_T is None or (noise is None and _draws_noise(method, opts))):
+        raise ValueError("seed must be an int unless x_T is given and either noise is given or "
+                         f"{method!r} with these options draws no noise")
 
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x_T = sde.prior_sampling(tuple(int(n) for n in shape), generator=generator, device=device)
-    x_T = x_T.to(opts.pop("dtype"))
+    device = torch.device(device) if device is not None else (x_T.device if x_T is not None
+                                                              else torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if x_T is None:
+        x_T = sde.prior_sampling(shape, generator=generator, device=device)
+    x_T = x_T.to(device=device, dtype=opts.pop("dtype"))
     counter = ScoreCounter(score_fn)
     if method != "ode":
-        opts["generator"] = generator
+        opts["generator"], opts["noise"] = generator, noise
     # No graph through the network: sampling memory stays flat in the number of steps. Classifier
     # guidance re-enables gradients for its own input gradient.
     with torch.no_grad():
@@ -436,9 +517,9 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
     return x, counter.nfe
 
 
-
 __all__ = [
-    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "ScoreCounter", "allowed_options", "check_options",
-    "sample", "sample_ancestral", "sample_annealed_langevin", "sample_ddim", "sample_euler_maruyama",
+    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "NoiseFn", "ScoreCounter", "allowed_options",
+    "check_options", "per_sample_noise", "per_sample_prior", "sample", "sample_ancestral",
+    "sample_annealed_langevin", "sample_ddim", "sample_euler_maruyama",
     "sample_heun", "sample_ode", "sample_pc",
 ]
