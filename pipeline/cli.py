@@ -15,6 +15,7 @@ import sys
 COMMANDS: tuple[str, ...] = (
     "pipeline.demo",
     "pipeline.training.cli",
+    "pipeline.models.cli",
     "pipeline.data.cli",
     "pipeline.evaluation.cli",
     "pipeline.tuning.cli",
