@@ -230,6 +230,8 @@ def _with_chain_length(sde: SDE, n: int) -> SDE:
     """The same process with an n-step discretisation, so `discretize` matches the sampler's grid."""
     if n == sde.N:
         return sde
+    if isinstance(sde, DDPMChain):  # a chain's steps are its own; another N would be another chain
+        raise ValueError(f"pc on a ddpm-chain needs steps == N = {sde.N} (its own timesteps), got {n}")
     params = {k: v for k, v in sde.config().items() if k != "name"}
     params["N"] = n
     try:
