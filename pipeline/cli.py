@@ -17,6 +17,7 @@ import sys
 COMMANDS: tuple[str, ...] = (
     "pipeline.demo",
     "pipeline.training.cli",
+    "pipeline.models.cli",
     "pipeline.data.cli",
     "pipeline.evaluation.cli",
     "pipeline.tuning.cli",

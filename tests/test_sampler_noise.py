@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.diffusion import samplers
+from pipeline.diffusion.chain import DDPMChain
 from pipeline.diffusion.samplers import per_sample_noise, per_sample_prior, sample
 from pipeline.diffusion.sde import VESDE, VPSDE
 from pipeline.diffusion.toy import GaussianMixture
@@ -121,3 +122,18 @@ def test_bad_starting_points_and_noise_sources_are_refused():
     # Deterministic methods need no seed once x_T is given.
     x, _ = sample("ddim", score, sde, (4, 2), steps=3, x_T=torch.zeros(4, 2))
     assert x.shape == (4, 2)
+
+
+@pytest.mark.parametrize(("method", "opts"), [("ancestral", {"spacing": "trailing"}),
+                                              ("ddim", {"eta": 1.0, "spacing": "linspace"})])
+def test_regeneration_on_an_exact_chain(method, opts):
+    """The chain's respaced samplers draw through the same noise source (torch.equal)."""
+    chain = DDPMChain("linear")
+    score = MIX.score_fn(chain)
+    gens = lambda idx: [torch.Generator().manual_seed(70 + i) for i in idx]  # noqa: E731
+    x_T = per_sample_prior(chain, (8, 2), gens(range(8)))
+    full, _ = sample(method, score, chain, (8, 2), steps=20, x_T=x_T, noise=per_sample_noise(gens(range(8))),
+                     **opts)
+    alone, _ = sample(method, score, chain, (1, 2), steps=20, x_T=x_T[3:4], noise=per_sample_noise(gens([3])),
+                      **opts)
+    assert torch.equal(alone[0], full[3])

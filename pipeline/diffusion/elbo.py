@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .chain import DDPMChain
 from .dequantize import bits_per_dim, check_levels, check_on_grid, logp_offset, uniform_dequantize
 from .likelihood import check_data
 from .schedules import DDPMSchedule
@@ -122,7 +123,7 @@ def _model_log_variance(schedule: DDPMSchedule, variance: str) -> Tensor:
     return schedule.posterior_log_variance_clipped
 
 
-def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: str = "beta",
+def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule | DDPMChain, x0: Tensor, *, variance: str = "beta",
               decoder: str = "discretized", levels: int = 256, clip_denoised: bool = False,
               generator: torch.Generator | None = None) -> DDPMBound:
     """DDPM's variational bound L_T + Σ L_{t-1} + L_0 in bits/dim for an ε-model with fixed variances
@@ -130,8 +131,10 @@ def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: st
     2/(L-1)); decoder="gaussian" is the continuous density N(x_0; μ_θ, σ_1²), comparable to continuous
     log-densities such as `ode_likelihood` without dequantisation."""
     x0 = check_data(x0)
+    if isinstance(schedule, DDPMChain):  # the exact chain's own bound
+        schedule = schedule.ddpm_schedule()
     if not isinstance(schedule, DDPMSchedule):
-        raise ValueError(f"schedule must be a DDPMSchedule, got {type(schedule).__name__}")
+        raise ValueError(f"schedule must be a DDPMSchedule or DDPMChain, got {type(schedule).__name__}")
     if schedule.N < 2:
         raise ValueError(f"the DDPM bound needs a chain of N >= 2 steps, got N={schedule.N}")
     if variance not in VARIANCES:
@@ -172,9 +175,12 @@ def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: st
     return DDPMBound(bpd=bits_per_dim(-nats, D), nats=nats, terms=terms / (D * math.log(2.0)), nfe=N)
 
 
-def eps_fn_from_score(score_fn: ScoreFn, schedule: DDPMSchedule) -> EpsFn:
-    """ε̂(x_t, i) = -σ(t)·score(x_t, t) at t = (i+1)/N of the VP SDE the schedule discretises."""
-    sde = schedule.vp_sde()
+def eps_fn_from_score(score_fn: ScoreFn, schedule: DDPMSchedule | DDPMChain) -> EpsFn:
+    """ε̂(x_t, i) = -σ(t)·score(x_t, t) at t = (i+1)/N of the VP SDE the schedule discretises, or of
+    the exact chain itself when given a `DDPMChain` (then σ(t_i)² = 1 - ᾱ_i exactly)."""
+    sde = schedule if isinstance(schedule, DDPMChain) else schedule.vp_sde()
+    if isinstance(schedule, DDPMChain):
+        schedule = schedule.ddpm_schedule()
 
     def eps_fn(x: Tensor, i: Tensor) -> Tensor:
         t = schedule.continuous_time(i).to(device=x.device, dtype=x.dtype)

@@ -38,9 +38,11 @@ def check_parameterization(name: str) -> None:
 
 
 def noise_label(sde: SDE, t: Tensor, kind: NoiseLabel = "log_sigma") -> Tensor:
-    """What the network is conditioned on: 999·t (DDPM/score_sde VP convention) or ¼ ln σ̃ (EDM)."""
+    """What the network is conditioned on: 999·t (DDPM/score_sde VP convention; a discrete chain's own
+    integer timestep i via `sde.time_label`) or ¼ ln σ̃ (EDM)."""
     if kind == "time":
-        return t * 999.0
+        time_label = getattr(sde, "time_label", None)
+        return time_label(t) if time_label is not None else t * 999.0
     if kind == "log_sigma":
         return 0.25 * torch.log(sde.edm_sigma(t))
     raise ValueError(f"noise_label must be one of {NOISE_LABELS}, got {kind!r}")

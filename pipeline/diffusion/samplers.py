@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .chain import DDPMChain
+from .respace import SPACINGS, check_chain_options, draw_noise, sample_chain_ancestral, sample_chain_ddim
 from .schedules import time_grid
 from .sde import SDE, VESDE, ScoreFn, expand_like
 
@@ -65,12 +67,7 @@ def _coeffs(sde: SDE, t: float) -> tuple[Tensor, Tensor]:
 def _noise(x: Tensor, generator: torch.Generator | None, noise: NoiseFn | None = None) -> Tensor:
     """One standard normal draw shaped like x: from `noise` when given (it takes precedence), else
     from `generator`."""
-    if noise is not None:
-        z = noise(x)
-        if z.shape != x.shape:
-            raise ValueError(f"noise(x) must return a tensor of shape {tuple(x.shape)}, got {tuple(z.shape)}")
-        return z.to(device=x.device, dtype=x.dtype)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return draw_noise(x, generator, noise)
 
 
 def per_sample_noise(generators: Sequence[torch.Generator]) -> NoiseFn:
@@ -135,8 +132,9 @@ def _emit(callback: Callback | None, i: int, t: float, x: Tensor, denoised: Tens
 def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                      generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                      eps: float = 1e-3, variance: str = "beta_tilde", grid: str = "uniform",
-                     denoise: bool = True, callback: Callback | None = None,
-                     progress: bool = False) -> Tensor:
+                     denoise: bool = True, callback: Callback | None = None, progress: bool = False,
+                     spacing: str | None = None, steps_offset: int = 0,
+                     clip_sample: float | None = None) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2; SMLD: Song et al. 2021, App. F, eq. 47).
 
     Each step samples q(x_s | x_t, x̂_0) with the exact transition of the process between grid times,
@@ -145,7 +143,16 @@ def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
     For VP, 1 − α_{t|s}² = 1 − ᾱ(t)/ᾱ(s) = β'_i and the mean is Alg. 2's (x_t − β'/√(1−ᾱ_t) ε̂)/√(1−β')
     with ε̂ = −σ_t score; for VE it is eq. 47. sub-VP gets the same posterior of its own Gaussian
     transition (the SDE is linear, so that transition is exact; no DDPM chain is assumed).
+
+    On an exact chain (`DDPMChain`) the steps run on its integer timesteps instead: `spacing`
+    ("leading" by default, "trailing", "linspace"), `steps_offset` and `clip_sample` as in
+    `respace.sample_chain_ancestral`; the last step lands on x_0 itself, so eps, grid and denoise
+    have no role there.
     """
+    if isinstance(sde, DDPMChain):
+        return sample_chain_ancestral(score_fn, sde, x_T, steps=steps, generator=generator, noise=noise,
+                                      variance=variance, spacing=spacing or "leading",
+                                      steps_offset=steps_offset, clip_sample=clip_sample, callback=callback)
     ts = time_grid(sde, steps, eps=eps, kind=grid).tolist()
     x = x_T
     for i in _steps(steps, progress, "ancestral"):
@@ -164,13 +171,24 @@ def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                 generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                 eps: float = 1e-3, eta: float = 0.0, grid: str = "uniform", denoise: bool = True,
-                callback: Callback | None = None, progress: bool = False) -> Tensor:
+                callback: Callback | None = None, progress: bool = False, spacing: str | None = None,
+                steps_offset: int = 0, set_alpha_to_one: bool = True,
+                clip_sample: float | None = None) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) in (α, σ) form:
     x_s = α_s x̂_0 + √(σ_s² − σ_η²) ε̂ + σ_η z,  σ_η = η √(σ_{t|s}² σ_s²/σ_t²) (eq. 16).
 
     η = 0 is deterministic (Euler on the probability-flow ODE in σ̃ = σ/α); η = 1 is ancestral
     sampling with the posterior variance β̃.
+
+    On an exact chain (`DDPMChain`) the steps run on its integer timesteps: `spacing`, `steps_offset`,
+    `set_alpha_to_one` (ᾱ = 1 below timestep 0, else ᾱ_0) and `clip_sample` as in
+    `respace.sample_chain_ddim`.
     """
+    if isinstance(sde, DDPMChain):
+        return sample_chain_ddim(score_fn, sde, x_T, steps=steps, generator=generator, noise=noise, eta=eta,
+                                 spacing=spacing or "leading", steps_offset=steps_offset,
+                                 set_alpha_to_one=set_alpha_to_one, clip_sample=clip_sample,
+                                 callback=callback)
     ts = time_grid(sde, steps, eps=eps, kind=grid).tolist()
     x = x_T
     for i in _steps(steps, progress, "ddim"):
@@ -212,6 +230,8 @@ def _with_chain_length(sde: SDE, n: int) -> SDE:
     """The same process with an n-step discretisation, so `discretize` matches the sampler's grid."""
     if n == sde.N:
         return sde
+    if isinstance(sde, DDPMChain):  # a chain's steps are its own; another N would be another chain
+        raise ValueError(f"pc on a ddpm-chain needs steps == N = {sde.N} (its own timesteps), got {n}")
     params = {k: v for k, v in sde.config().items() if k != "name"}
     params["N"] = n
     try:
@@ -381,8 +401,10 @@ def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 
 _COMMON: dict[str, Any] = {"eps": 1e-3, "progress": False, "callback": None, "dtype": torch.float32}
 _METHODS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
-    "ancestral": (sample_ancestral, {"denoise": True, "variance": "beta_tilde", "grid": "uniform"}),
-    "ddim": (sample_ddim, {"denoise": True, "eta": 0.0, "grid": "uniform"}),
+    "ancestral": (sample_ancestral, {"denoise": True, "variance": "beta_tilde", "grid": "uniform",
+                                     "spacing": None, "steps_offset": 0, "clip_sample": None}),
+    "ddim": (sample_ddim, {"denoise": True, "eta": 0.0, "grid": "uniform", "spacing": None, "steps_offset": 0,
+                           "set_alpha_to_one": True, "clip_sample": None}),
     "euler_maruyama": (sample_euler_maruyama, {"denoise": True}),
     "pc": (sample_pc, {"denoise": True, "snr": 0.16, "n_corrector": 1, "snr_norm": "batch"}),
     "annealed_langevin": (sample_annealed_langevin, {"denoise": True, "n_steps_each": 100, "step_lr": 2e-5}),
@@ -405,6 +427,23 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def _check_spacing(sde: SDE, steps: int, opts: dict[str, Any]) -> None:
+    """Respacing options exist only on an exact chain, where they are checked against its N."""
+    if isinstance(sde, DDPMChain):
+        spacing = "leading" if opts["spacing"] is None else opts["spacing"]
+        check_chain_options(sde, steps, spacing, opts["steps_offset"], opts["clip_sample"])
+        _require(isinstance(opts.get("set_alpha_to_one", True), bool), "set_alpha_to_one",
+                 opts.get("set_alpha_to_one"), "a bool")
+        return
+    _require(opts["spacing"] is None or opts["spacing"] in SPACINGS, "spacing", opts["spacing"],
+             f"None or one of {SPACINGS}")
+    for key, default in (("spacing", None), ("steps_offset", 0), ("set_alpha_to_one", True),
+                         ("clip_sample", None)):
+        if key in opts and opts[key] != default:
+            raise ValueError(f"{key} is an option of sampling an exact discrete chain (sde 'ddpm-chain'), "
+                             f"not of {type(sde).__name__}; got {key}={opts[key]!r}")
+
+
 def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> None:
     """Reject bad option values (opts: every option of `method`, defaults filled in) before any score
     is evaluated; callers that run the sampler functions directly use it as `sample` does."""
@@ -419,6 +458,8 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
         _require(opts["variance"] in VARIANCES, "variance", opts["variance"], f"one of {VARIANCES}")
     if "grid" in opts:
         _require(opts["grid"] in GRIDS, "grid", opts["grid"], f"one of {GRIDS}")
+    if "spacing" in opts:
+        _check_spacing(sde, steps, opts)
     if "eta" in opts:
         _require(isinstance(opts["eta"], num) and 0 <= opts["eta"] <= 1, "eta", opts["eta"], "in [0, 1]")
     if method == "pc":

@@ -1,8 +1,11 @@
 """Noise schedules: DDPM's discrete β chains, NCSN's σ ladder, EDM's ρ-spaced σ steps, and time grids.
 
-A discrete DDPM chain with N steps is the VP SDE observed at t_i = i/N (Song et al. 2021, App. B):
-the linear chain β_i ∈ [1e-4, 0.02] is `VPSDE(beta_min=0.1, beta_max=20)` (β(t) = N β_i), and the
-cosine chain of Nichol & Dhariwal 2021 is `CosineVPSDE`. `DDPMSchedule.vp_sde()` returns that process.
+A discrete DDPM chain with N steps has the VP SDE as its continuous limit (Song et al. 2021, App. B):
+the linear chain β_i ∈ [1e-4, 0.02] tends to `VPSDE(beta_min=0.1, beta_max=20)` (β(t) = N β_i) and the
+cosine chain of Nichol & Dhariwal 2021 to `CosineVPSDE`; `DDPMSchedule.vp_sde()` returns that limit,
+observed at t_i = (i+1)/N (`continuous_time`). It is not the chain: at N = 1000 the linear chain's
+log ᾱ differs from VPSDE(0.1, 20)'s by up to 6.8%. The chain itself, exact at its timesteps and with
+integer labels, is `chain.DDPMChain` (`DDPMSchedule.exact_chain()`).
 """
 
 from __future__ import annotations
@@ -99,8 +102,14 @@ class DDPMSchedule:
         """Inverse of `continuous_time`, rounded to the nearest step."""
         return (t.double() * self.N - 1).round().long().clamp(0, self.N - 1)
 
+    def exact_chain(self) -> SDE:
+        """This chain as a process of its own (`chain.DDPMChain`), ᾱ exact at every timestep."""
+        from .chain import DDPMChain  # chain.py builds on this module
+
+        return DDPMChain("custom", betas=self.betas)
+
     def vp_sde(self) -> SDE:
-        """The continuous VP process this chain discretises."""
+        """The continuous VP process this chain tends to (its limit, not the chain; see `exact_chain`)."""
         if self.kind == "linear":
             N = self.N
             return VPSDE(beta_min=self.params["beta_start"] * N, beta_max=self.params["beta_end"] * N, N=N)

@@ -167,14 +167,29 @@ class AttnBlock(nn.Module):
         return out * self.out_scale if self.out_scale != 1.0 else out
 
 
-class Downsample(nn.Module):
-    """Stride-2 3×3 conv (DDPM's `downsample` with `resamp_with_conv=True`)."""
+DOWNSAMPLE_PADS: tuple[str, ...] = ("symmetric", "tf_same")
 
-    def __init__(self, channels: int) -> None:
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 conv (DDPM's `downsample` with `resamp_with_conv=True`).
+
+    `pad="symmetric"` pads one pixel on every side; "tf_same" pads only right and bottom, which is what
+    TensorFlow's SAME padding does for a stride-2 3×3 conv on an even size, so DDPM's released weights
+    (and diffusers' `downsample_padding=0`) see the windows they were trained with.
+    """
+
+    def __init__(self, channels: int, pad: str = "symmetric") -> None:
         super().__init__()
+        if pad not in DOWNSAMPLE_PADS:
+            raise ValueError(f"downsample_pad must be one of {DOWNSAMPLE_PADS}, got {pad!r}")
+        self.pad = pad
         self.conv = conv3x3(channels, channels, stride=2)
+        if pad == "tf_same":
+            self.conv.padding = (0, 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.pad == "tf_same":
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -190,6 +205,7 @@ class Upsample(nn.Module):
 
 
 __all__ = [
-    "AttnBlock", "Downsample", "FourierEmbedding", "PositionalEmbedding", "ResBlock", "Upsample",
+    "DOWNSAMPLE_PADS", "AttnBlock", "Downsample", "FourierEmbedding", "PositionalEmbedding", "ResBlock",
+    "Upsample",
     "group_norm", "init_ddpm_", "num_groups", "positional_embedding",
 ]

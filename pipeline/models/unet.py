@@ -44,7 +44,7 @@ class UNet(nn.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
                  embedding_type: str = "positional", fourier_scale: float = 16.0,
                  num_classes: int | None = None, num_heads: int = 1, scale_shift: bool = False,
-                 skip_rescale: bool = False) -> None:
+                 skip_rescale: bool = False, downsample_pad: str = "symmetric") -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         channel_mult, attn_resolutions = tuple(int(m) for m in channel_mult), tuple(attn_resolutions)
@@ -57,7 +57,8 @@ class UNet(nn.Module):
             in_channels=in_channels, out_channels=out_channels, image_size=image_size, channels=channels,
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
             dropout=dropout, embedding_type=embedding_type, fourier_scale=fourier_scale,
-            num_classes=num_classes, num_heads=num_heads, scale_shift=scale_shift, skip_rescale=skip_rescale)
+            num_classes=num_classes, num_heads=num_heads, scale_shift=scale_shift, skip_rescale=skip_rescale,
+            downsample_pad=downsample_pad)
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.num_classes = num_classes
         emb_dim = 4 * channels  # DDPM: temb is ch·4 wide
@@ -85,7 +86,7 @@ class UNet(nn.Module):
                     stage.append(AttnBlock(c, **attn))
                 skip_channels.append(c)
             if level != len(channel_mult) - 1:
-                stage.append(Downsample(c))
+                stage.append(Downsample(c, pad=downsample_pad))
                 skip_channels.append(c)
                 res //= 2
             self.down.append(stage)
@@ -216,7 +217,8 @@ def _check_config(*, in_channels: int, out_channels: int, image_size: int, chann
 _DEFAULTS: dict[str, Any] = dict(
     in_channels=3, out_channels=None, image_size=32, channels=128, channel_mult=(1, 2, 2, 2),
     num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, embedding_type="positional",
-    fourier_scale=16.0, num_classes=None, num_heads=1, scale_shift=False, skip_rescale=False)
+    fourier_scale=16.0, num_classes=None, num_heads=1, scale_shift=False, skip_rescale=False,
+    downsample_pad="symmetric")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Ho et al. 2020, App. B: the 35.7M-parameter CIFAR-10 model.
