@@ -84,13 +84,13 @@ def _write_folder(root, model, scheduler: dict, *, layout: str = "flat") -> str:
 @pytest.mark.parametrize("layout", ["flat", "pipeline"])
 def test_the_export_loads_for_sampling_and_reproduces_the_diffusers_eps(tmp_path, layout):
     from pipeline.cli import main
-    from pipeline.evaluation.sampling import load_model_for_sampling
+    from pipeline.training.checkpoint import load_model
 
     theirs = _random_unet(SMALL)
     src = _write_folder(tmp_path / "src", theirs, SCHEDULER, layout=layout)
     out = str(tmp_path / "run" / "ema-final.pt")
     assert main(["import-diffusers", src, out]) == 0
-    model = load_model_for_sampling(out)
+    model = load_model(out)
     assert isinstance(model.sde, DDPMChain) and model.sde.schedule == "linear" and model.sde.N == 1000
     assert model.parameterization == "eps" and model.noise_label_kind == "time"
     i = torch.tensor([0, 500, 999])
