@@ -74,6 +74,7 @@ def _assert_same_state(a: Trainer, b: Trainer) -> None:
 def test_sync_free_skip_matches_the_host_decided_skip(fused):
     config = _config()
     new, ref = Trainer(config), Trainer(config)
+    new.sync_free_skip = True  # the accelerator path, on the CPU
     if fused:  # the CUDA path (fused Adam's found_inf), exercised with PyTorch's fused CPU kernel
         for t in (new, ref):
             t.optimizer = torch.optim.Adam(t.net.parameters(), lr=config.lr, betas=config.adam_betas,
@@ -90,11 +91,24 @@ def test_sync_free_skip_matches_the_host_decided_skip(fused):
     assert new.ema.nimg == 16 * 6
 
 
-def test_skipped_step_is_not_averaged_into_metrics():
+@pytest.mark.parametrize("sync_free", [True, False], ids=["on-device", "cpu-default"])
+def test_skipped_step_is_not_averaged_into_metrics(sync_free):
     new = Trainer(_config())
+    new.sync_free_skip = sync_free
     for x, labels in _batches(4, bad_at={1}):
         new.train_step(x, labels)
     m = new.pop_metrics()
     assert m["skipped_steps"] == 1 and m["step"] == 4
     assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     assert all(v is None or math.isfinite(v) for k, v in m.items() if k.startswith("loss_sigma"))
+
+
+def test_cpu_default_path_matches_the_reference_too():
+    config = _config()
+    new, ref = Trainer(config), Trainer(config)
+    assert not new._skip_on_device()
+    for trainer, step in ((new, Trainer.train_step), (ref, reference_step)):
+        torch.manual_seed(7)
+        for x, labels in _batches(6, bad_at={2}):
+            step(trainer, x, labels)
+    _assert_same_state(new, ref)

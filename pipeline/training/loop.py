@@ -151,10 +151,19 @@ class Trainer:
         # Decided on the device, never read here: a host read per step would stall the GPU queue.
         # A non-finite loss or gradient leaves weights, optimiser state and EMA exactly as they were.
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # 0-dim bool
-        self._masked_optimizer_step(finite)
-        self.ema.update_masked(self.net, batch_size=self.config.batch_size, apply=finite)
+        if self._skip_on_device():
+            self._masked_optimizer_step(finite)
+            self.ema.update_masked(self.net, batch_size=self.config.batch_size, apply=finite)
+        elif bool(finite):  # on the CPU the device is the host: this read costs nothing
+            self.optimizer.step()
+            self.ema.update(self.net, batch_size=self.config.batch_size)
         self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), finite, x.shape[0])
         self.position.step += 1
+
+    def _skip_on_device(self) -> bool:
+        """Decide the non-finite skip on the device (no host read) unless the device is the CPU, where
+        the masked update would only add work; `sync_free_skip` (an attribute) overrides, for tests."""
+        return getattr(self, "sync_free_skip", self.device.type != "cpu")
 
     def _masked_optimizer_step(self, finite: Tensor) -> None:
         """`optimizer.step()` where `finite` is true, a no-op (step count included) where it is not.
