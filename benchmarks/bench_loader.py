@@ -3,6 +3,11 @@
 same per-batch work (index, scale to [-1, 1], random flip) without storage or PNG decoding.
 
     .venv/bin/python benchmarks/bench_loader.py [--n 10000] [--batch-size 128] [--workers 0 2]
+        [--formats png uint8]
+
+Each shard format (PNG per sample, or raw uint8 arrays per shard) is written to both stores and read
+by the same `make_loader`; the table gives each row's ratio to the in-memory baseline and to the PNG
+row with the same store and worker count, and the bytes per image of each format.
 
 Images are CIFAR-like in size and PNG compressibility: random 8×8 colour blocks upsampled to 32×32
 with ±8 grey-level noise (PNGs of CIFAR-10's order of size). Prints a markdown table with images per
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
     p.add_argument("--repeats", type=int, default=3, help="passes per configuration (median reported)")
+    p.add_argument("--formats", nargs="+", default=["png", "uint8"], choices=["png", "uint8"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -107,42 +113,54 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = make_images(args.n)
     server = start_s3()
     rows = []
+    sizes, shard_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(f"{tmp}/bench.npz", images=images, labels=labels)
-        local = f"{tmp}/shards"
         fs, _ = storage.get_fs("s3://bench")
         fs.mkdir("bench")
-        remote = "s3://bench/shards"
-        t0 = time.perf_counter()
-        rep = shard_dataset(f"{tmp}/bench.npz", local, shard_size=args.shard_size, test_fraction=0.0)
-        shard_s = time.perf_counter() - t0
-        shard_dataset(f"{tmp}/bench.npz", remote, shard_size=args.shard_size, test_fraction=0.0)
-        size = sum(s["bytes"] for s in rep.manifest["shards"]) / args.n
+        stores = {}
+        for fmt in args.formats:
+            local, remote = f"{tmp}/shards-{fmt}", f"s3://bench/shards-{fmt}"
+            t0 = time.perf_counter()
+            rep = shard_dataset(f"{tmp}/bench.npz", local, shard_size=args.shard_size, test_fraction=0.0,
+                                encoding=fmt)
+            shard_s[fmt] = time.perf_counter() - t0
+            shard_dataset(f"{tmp}/bench.npz", remote, shard_size=args.shard_size, test_fraction=0.0,
+                          encoding=fmt)
+            sizes[fmt] = sum(s["bytes"] for s in rep.manifest["shards"]) / args.n
+            stores[fmt] = (("local disk", local), ("S3 API server (moto)", remote))
 
         base, base_cpu = median_pair(
             [baseline(images, labels, args.batch_size, r) for r in range(args.repeats)]
         )
-        rows.append(("in-memory uint8 tensor (baseline)", "-", base, base_cpu))
-        for name, uri in (("WebDataset, local disk", local), ("WebDataset, S3 API server (moto)", remote)):
+        rows.append(("in-memory uint8 tensor (baseline)", "-", "-", base, base_cpu))
+        for i, store in enumerate(("local disk", "S3 API server (moto)")):
             for w in args.workers:
-                runs = [loader_rate(uri, args.batch_size, w, epoch=r) for r in range(args.repeats)]
-                rows.append((name, str(w), *median_pair(runs)))
+                for fmt in args.formats:
+                    uri = stores[fmt][i][1]
+                    runs = [loader_rate(uri, args.batch_size, w, epoch=r) for r in range(args.repeats)]
+                    rows.append((f"WebDataset, {store}", fmt, str(w), *median_pair(runs)))
     server.stop()
 
+    shape = "×".join(str(d) for d in images.shape[1:])
+    print(f"\n{args.n} images {shape}, batch {args.batch_size}, shards of {args.shard_size}")
+    print("| format | bytes per image (tar) | × raw pixels | sharding to local disk (s) |")
+    print("|---|---:|---:|---:|")
+    for fmt in args.formats:
+        raw = int(np.prod(images.shape[1:]))
+        print(f"| {fmt} | {sizes[fmt]:,.0f} | {sizes[fmt] / raw:.3f} | {shard_s[fmt]:.1f} |")
     print(
-        f"\n{args.n} images 32×32×3, {size / 1024:.2f} KiB per sample in the tar, batch {args.batch_size}, "
-        f"shards of {args.shard_size}; sharding to local disk took {shard_s:.1f} s"
-    )
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}\n"
     )
     load = os.getloadavg()[0]
     print(f"load average (1 min) at the end: {load:.1f}; images per CPU-second is less sensitive to it\n")
-    print("| source | DataLoader workers | images/s (wall) | × baseline | images per CPU-second |")
-    print("|---|---:|---:|---:|---:|")
-    for name, w, rate, cpu_rate in rows:
-        print(f"| {name} | {w} | {rate:,.0f} | {rate / base:.3f} | {cpu_rate:,.0f} |")
+    print("| source | format | DataLoader workers | images/s (wall) | × baseline | × PNG | img per CPU-s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    png_rate = {(name, w): rate for name, fmt, w, rate, _ in rows if fmt == "png"}
+    for name, fmt, w, rate, cpu_rate in rows:
+        vs_png = f"{rate / png_rate[(name, w)]:.2f}" if (name, w) in png_rate else "-"
+        print(f"| {name} | {fmt} | {w} | {rate:,.0f} | {rate / base:.3f} | {vs_png} | {cpu_rate:,.0f} |")
     return 0
 
 

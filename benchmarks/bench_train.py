@@ -11,6 +11,9 @@ Rows, all on the same synthetic batches held on the device (the loader is benchm
   diffusers     `diffusers.UNet2DModel` in the preset's configuration (channels, levels, blocks, attention
                 resolutions), a hand-written step doing the same work (ε-MSE, Adam, clipping, EMA) under
                 the same autocast and torch.compile. Skipped, with a note, when diffusers is not installed.
+  step A/B      (--compare-step) `Trainer.train_step` (sync-free non-finite skip) against the step as it
+                was before (the host reads `finite` and branches), alternating blocks of --steps steps
+                on two identical trainers in this process; the median ratio of their rates.
   loop on Ray   the same loop inside one Ray Train worker (`pipeline.training.ray_train.train`, with its
                 `ray.train.report` every --report-every steps), measured from the worker's own reports.
 Throughput counts steps after --warmup (compilation, autotuning and allocator warm-up excluded).
@@ -230,6 +233,62 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s_including_startup": time.perf_counter() - t0, "out": out}
 
 
+def host_decided_step(t, x: Tensor, labels: Tensor | None) -> None:
+    """`Trainer.train_step` before the sync-free skip (one host read of `finite` per step)."""
+    import math
+
+    x = x.to(t.device, non_blocking=True)
+    labels = labels.to(t.device, non_blocking=True) if t.null_label is not None else None
+    for group in t.optimizer.param_groups:
+        group["lr"] = t.lr_at(t.position.step)
+    per_sample, _ = t.loss_fn.forward_with_noise(t.model, x, labels, generator=t.generator)
+    loss = per_sample.mean()
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = t.config.grad_clip if t.config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.net.parameters(), clip)
+    if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+        t.optimizer.step()
+        t.ema.update(t.net, batch_size=t.config.batch_size)
+        a = t._accum
+        a.loss_sum += per_sample.detach().double().sum()
+        a.grad_norm_sum += grad_norm.detach().double()
+    else:
+        t.optimizer.zero_grad(set_to_none=True)
+        t.position.skipped_steps += 1
+    t.position.step += 1
+
+
+def bench_step_ab(args: argparse.Namespace, repeats: int = 5) -> dict[str, Any]:
+    """img/s of the sync-free step and of the host-decided one, alternating blocks in one process."""
+    import statistics
+
+    from pipeline.models import preset_config
+    from pipeline.training.loop import Trainer
+
+    cfg = preset_config(args.preset)
+    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    config = train_config(args)
+    data = SyntheticBatches((args.batch_size, *shape), cfg["num_classes"], device=args.device)
+    pair = {"sync-free": (Trainer(config, device=args.device), Trainer.train_step),
+            "host-decided": (Trainer(config, device=args.device), host_decided_step)}
+    pair["sync-free"][0].sync_free_skip = True  # the on-device skip even on a CPU (where it is off)
+    rates: dict[str, list[float]] = {k: [] for k in pair}
+    for r in range(repeats + 1):
+        for name, (trainer, step) in (pair.items() if r % 2 else reversed(pair.items())):
+            sync(args.device)
+            t0 = time.perf_counter()
+            for i in range(args.warmup if r == 0 else args.steps):
+                step(trainer, data.x[i % 4], data.y[i % 4])
+            sync(args.device)
+            if r > 0:  # round 0 warms both up
+                rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    ratios = [a / b for a, b in zip(rates["sync-free"], rates["host-decided"], strict=True)]
+    return {"name": "step A/B", "img_per_s": statistics.median(rates["sync-free"]),
+            "img_per_s_host_decided": statistics.median(rates["host-decided"]),
+            "sync_free_over_host_decided": statistics.median(ratios), "repeats": repeats}
+
+
 def measure_peak_tflops(device: str, n: int = 8192, reps: int = 20) -> float:
     """Dense bf16 matmul rate on this device (TFLOP/s)."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -262,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-peak", action="store_true", help="time a bf16 matmul for the MFU denominator")
     p.add_argument("--skip", nargs="*", default=[], choices=("loop", "diffusers", "ray"))
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--compare-step", action="store_true",
+                   help="only the step A/B: sync-free train_step against the host-decided one")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -284,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     elif peak is None and cuda:
         peak = H100_BF16_PEAK_TFLOPS
     rows = []
-    for name, fn in (("loop", bench_loop), ("diffusers", bench_diffusers), ("ray", bench_ray)):
+    benches = (("loop", bench_loop), ("diffusers", bench_diffusers), ("ray", bench_ray))
+    for name, fn in ((("step", bench_step_ab),) if args.compare_step else benches):
         if name in args.skip:
             continue
         row = fn(args)
@@ -324,6 +386,11 @@ def _table(rows: list[dict[str, Any]], summary: dict[str, Any], env: dict[str, A
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
         params = f"{r['params'] / 1e6:.2f}M" if "params" in r else ""
         lines.append(f"| {r['name']} | {r['img_per_s']:,.0f} | {params} | {gf} | {mfu} |")
+    for r in rows:
+        if "sync_free_over_host_decided" in r:
+            lines.append(f"host-decided step: {r['img_per_s_host_decided']:,.0f} img/s; sync-free / "
+                         f"host-decided = {r['sync_free_over_host_decided']:.3f} "
+                         f"(median of {r['repeats']} alternating blocks)")
     for k, v in summary.items():
         lines.append(f"{k}: {100 * v:.1f}%" if k == "ray_overhead" else f"{k}: {v:.2f}x")
     return "\n".join(lines)

@@ -40,6 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(auto: Ray when a cluster is running or RAY_ADDRESS is set)",
     )
     p.add_argument("--workers", type=int, default=None, help="thread count for --parallel threads")
+    p.add_argument(
+        "--format",
+        choices=("png", "uint8"),
+        default="png",
+        help="image encoding: png (smallest for natural images) or uint8 (raw arrays, no decoding when "
+        "loading; recorded in the manifest and read by the same loader)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -58,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         max_workers=args.workers,
         progress=True,
+        encoding=args.format,
     )
     m = report.manifest
     c = m["counts"]
     shape = "x".join(str(s) for s in m["image"]["shape"])
     print(
         f"{c['train']} train + {c['test']} test images ({shape}, levels {m['levels']}, "
-        f"{m['num_classes']} classes) in {len(m['shards'])} shards: {len(report.written)} written, "
+        f"{m['num_classes']} classes) as {m['image']['encoding']} in {len(m['shards'])} shards: "
+        f"{len(report.written)} written, "
         f"{len(report.kept)} already complete"
     )
     print(f"manifest: {report.manifest_uri}{'' if report.manifest_written else ' (unchanged)'}")

@@ -7,6 +7,8 @@ Order of a pass (one epoch on one rank):
 3. DataLoader worker w of K takes every K-th of those (`webdataset.split_by_worker`);
 4. samples pass a shuffle buffer seeded from (seed, epoch, rank, worker), are decoded, batched, and
    scaled to x = 2·v/(L−1) − 1 with L the manifest's `levels`, optionally flipped left-right.
+   uint8 shards (manifest image.encoding) hold each shard's samples as one array: they are split
+   into samples instead of decoded, and give the same batches as a PNG copy of the same dataset.
 The same (seed, epoch, world size, workers) therefore gives the same batches, so a resumed run sees a
 reproducible order. s3://, gs://, az:// and memory:// shards open through fsspec inside each worker
 process (`pipeline.storage`, one filesystem per process: s3fs is not fork-safe).
@@ -95,7 +97,9 @@ class _Stages:
         batch_size: int,
         drop_last: bool,
         with_index: bool,
+        encoding: str = "png",
     ) -> None:
+        self.encoding = encoding
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer, self.flip, self.levels = shuffle_buffer, flip, levels
         self.shape, self.batch_size, self.drop_last, self.with_index = (
@@ -141,6 +145,21 @@ class _Stages:
             if img.shape != self.shape:
                 raise ValueError(f"sample {where}: shape {img.shape}; the manifest says {self.shape}")
             yield img, label, index
+
+    def unpack(self, src: Iterator[dict]) -> Iterator[tuple[np.ndarray, int, int]]:
+        """uint8 shards: one group of arrays per shard, checked against the manifest, split into
+        samples (views of one array; `batch` copies them into the batch)."""
+        for group in src:
+            where, key = group.get("__url__", "?"), group.get("__key__", "?")
+            missing = [m for m in mf.UINT8_MEMBERS if m not in group]
+            if missing:
+                raise ValueError(f"shard {where}, key {key}: members {missing} missing (not a uint8 shard?)")
+            images, labels, ids = (np.load(io.BytesIO(group[m])) for m in mf.UINT8_MEMBERS)  # no pickles
+            mf.check_uint8_array(images.shape, images.dtype, shard=where, key=key, image_shape=self.shape,
+                                 count=len(labels))
+            if len(ids) != len(labels):
+                raise ValueError(f"shard {where}, key {key}: {len(ids)} indices for {len(labels)} labels")
+            yield from zip(images, labels.tolist(), ids.tolist(), strict=True)
 
     def batch(self, src: Iterator[tuple[np.ndarray, int, int]]) -> Iterator[tuple[torch.Tensor, ...]]:
         flips = self.rng(2)
@@ -243,6 +262,9 @@ class Loader:
         self.batches_per_epoch, self.with_index = batches_per_epoch, with_index
         self.levels = int(self.manifest["levels"])
         self.shape = tuple(self.manifest["image"]["shape"])
+        self.encoding = mf.image_encoding(self.manifest)
+        if self.encoding == "uint8":  # array headers against the manifest, before any batch is read
+            mf.check_uint8_shards(self.manifest, self.root, self.entries)
 
     def set_epoch(self, epoch: int) -> None:
         """Use `epoch` for the next pass (shard order, shuffle buffer and flips all derive from it)."""
@@ -287,14 +309,20 @@ class Loader:
             batch_size=self.batch_size,
             drop_last=self.drop_last,
             with_index=self.with_index,
+            encoding=self.encoding,
         )
         urls = [storage.join(self.root, s["name"]) for s in shards]
+        # The same shuffle sees the same sample sequence in either encoding, so a uint8 copy of a
+        # dataset yields exactly the batches its PNG original does.
+        if self.encoding == "uint8":
+            stages_ = (stages.unpack, stages.shuffle)
+        else:
+            stages_ = (stages.shuffle, stages.decode)
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=_shard_error),
-            stages.shuffle,
-            stages.decode,
+            *stages_,
             stages.batch,
         )
 

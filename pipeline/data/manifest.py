@@ -8,7 +8,11 @@ Shard names are relative to the manifest's folder, so a dataset can be copied be
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from pipeline import storage
 
@@ -17,6 +21,18 @@ FORMAT = "pipeline-webdataset/1"
 # Sample layout inside each tar: {key}.png (image), {key}.cls (label), {key}.idx (index in the source).
 SAMPLE_KEY = "{split}-{index:08d}"
 FIELDS = {"png": "image, lossless PNG (L or RGB)", "cls": "label, decimal text", "idx": "source index"}
+# Image encodings, chosen at sharding time and recorded as manifest["image"]["encoding"].
+ENCODINGS = ("png", "uint8")
+# The uint8 layout: one group per shard, keyed by its first sample's key, holding the shard's samples
+# as three .npy arrays (their headers state shape and dtype, so a reader checks them against the
+# manifest without decoding anything). The images member comes first in the tar.
+UINT8_MEMBERS = ("images.npy", "labels.npy", "idx.npy")
+FIELDS_UINT8 = {
+    "images.npy": "images, uint8 [N, H, W, C], C-order",
+    "labels.npy": "labels, int64 [N]",
+    "idx.npy": "source indices, int64 [N]",
+}
+_HEADER_BYTES = 2048  # a tar header (512) and an .npy header (128 for these arrays) fit easily
 
 
 def package_version() -> str:
@@ -92,3 +108,60 @@ def verify_manifest(uri: str, *, max_workers: int = 8) -> list[str]:
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         digests = list(pool.map(lambda s: file_sha256(storage.join(root, s["name"])), shards))
     return [s["name"] for s, d in zip(shards, digests, strict=True) if d != s["sha256"]]
+
+
+def image_encoding(manifest: dict) -> str:
+    """The manifest's image encoding ('png' for manifests written before the field had choices)."""
+    enc = manifest.get("image", {}).get("encoding", "png")
+    if enc not in ENCODINGS:
+        raise ValueError(f"manifest image.encoding={enc!r}: allowed {ENCODINGS}")
+    return enc
+
+
+def check_uint8_array(shape: tuple[int, ...], dtype: np.dtype, *, shard: str, key: str,
+                      image_shape: tuple[int, ...], count: int | None = None) -> None:
+    """A ValueError naming the shard and key when a uint8 shard's image array disagrees with the manifest."""
+    want = (count if count is not None else "N", *image_shape)
+    ok = np.dtype(dtype) == np.uint8 and len(shape) == 4 and tuple(shape[1:]) == tuple(image_shape)
+    if ok and count is not None:
+        ok = shape[0] == count
+    if not ok:
+        raise ValueError(
+            f"shard {shard}, key {key}: images array is {np.dtype(dtype)} {tuple(shape)}; the manifest says "
+            f"uint8 {want}. Reshard the dataset (its manifest and shards disagree)"
+        )
+
+
+def read_uint8_header(uri: str) -> tuple[str, tuple[int, ...], np.dtype]:
+    """(sample key, array shape, dtype) of a uint8 shard's images member, from its first bytes only."""
+    with storage.open_uri(uri, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    try:
+        info = tarfile.TarInfo.frombuf(head[:512], tarfile.ENCODING, "surrogateescape")
+        key, _, field = info.name.partition(".")
+        if field != UINT8_MEMBERS[0]:
+            raise ValueError(f"first member {info.name!r}, expected '<key>.{UINT8_MEMBERS[0]}'")
+        body = io.BytesIO(head[512:])
+        version = np.lib.format.read_magic(body)
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(body)
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        raise ValueError(f"shard {uri}: not a uint8 shard ({type(e).__name__}: {e})") from e
+    if fortran:
+        raise ValueError(f"shard {uri}, key {key}: images array is Fortran-ordered; expected C order")
+    return key, tuple(shape), np.dtype(dtype)
+
+
+def check_uint8_shards(manifest: dict, root: str, entries: list[dict], *, max_workers: int = 8) -> None:
+    """Check each uint8 shard's image array header against the manifest (a small read per shard),
+    so that a mismatch fails before training starts rather than at the first batch that meets it."""
+    image_shape = tuple(manifest["image"]["shape"])
+
+    def check(entry: dict) -> None:
+        uri = storage.join(root, entry["name"])
+        key, shape, dtype = read_uint8_header(uri)
+        check_uint8_array(shape, dtype, shard=uri, key=key, image_shape=image_shape, count=entry["count"])
+
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        list(pool.map(check, entries))

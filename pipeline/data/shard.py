@@ -48,6 +48,7 @@ class ShardTask:
     name: str
     split: str
     start: int  # index of the shard's first sample within its split
+    encoding: str = "png"  # one of manifest.ENCODINGS
 
 
 @dataclass
@@ -83,25 +84,49 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_shard(source: Source, split: str, start: int) -> bytes:
-    """The tar bytes of one shard: for each sample {key}.png, {key}.cls and {key}.idx."""
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _checked_image(source: Source, j: int) -> np.ndarray:
+    img = source.image(j)
+    if img.shape != source.shape or img.dtype != np.uint8:
+        raise ValueError(f"{source.describe(j)}: {img.dtype} {img.shape}; expected uint8 {source.shape}")
+    return img
+
+
+def build_shard(source: Source, split: str, start: int, encoding: str = "png") -> bytes:
+    """The tar bytes of one shard.
+
+    png: for each sample {key}.png, {key}.cls and {key}.idx (decoded one sample at a time).
+    uint8: one group keyed by the first sample, {key}.images.npy (uint8 [N, H, W, C]),
+    {key}.labels.npy and {key}.idx.npy (int64 [N]): no decoding, one read per shard.
+    """
+    if encoding not in mf.ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: allowed {mf.ENCODINGS}")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for j in range(len(source)):
-            img = source.image(j)
-            if img.shape != source.shape or img.dtype != np.uint8:
-                want = f"uint8 {source.shape}"
-                raise ValueError(f"{source.describe(j)}: {img.dtype} {img.shape}; expected {want}")
-            key = mf.SAMPLE_KEY.format(split=split, index=start + j)
-            _add(tar, f"{key}.png", encode_png(img))
-            _add(tar, f"{key}.cls", str(int(source.labels[j])).encode())
-            _add(tar, f"{key}.idx", str(int(source.ids[j])).encode())
+        if encoding == "uint8":
+            key = mf.SAMPLE_KEY.format(split=split, index=start)
+            images = np.stack([_checked_image(source, j) for j in range(len(source))])
+            arrays = (images, np.asarray(source.labels, np.int64), np.asarray(source.ids, np.int64))
+            for member, arr in zip(mf.UINT8_MEMBERS, arrays, strict=True):
+                _add(tar, f"{key}.{member}", _npy(arr))
+        else:
+            for j in range(len(source)):
+                img = _checked_image(source, j)
+                key = mf.SAMPLE_KEY.format(split=split, index=start + j)
+                _add(tar, f"{key}.png", encode_png(img))
+                _add(tar, f"{key}.cls", str(int(source.labels[j])).encode())
+                _add(tar, f"{key}.idx", str(int(source.ids[j])).encode())
     return buf.getvalue()
 
 
 def write_shard(task: ShardTask) -> dict:
     """Build one shard and write it unless an identical one is already there; returns its entry."""
-    data = build_shard(task.source, task.split, task.start)
+    data = build_shard(task.source, task.split, task.start, task.encoding)
     sha = mf.bytes_sha256(data)
     written = mf.file_sha256(task.uri) != sha  # an identical shard already there is left alone
     if written:
@@ -132,7 +157,8 @@ def split_positions(
 
 
 def plan_shards(
-    source: Source, dest: str, *, shard_size: int, test_fraction: float | None, seed: int
+    source: Source, dest: str, *, shard_size: int, test_fraction: float | None, seed: int,
+    encoding: str = "png",
 ) -> tuple[list[ShardTask], dict]:
     """Shard tasks for `source` and the split parameters the manifest records."""
     use_own = test_fraction is None and source.test_mask is not None
@@ -156,12 +182,15 @@ def plan_shards(
                     name=name,
                     split=split,
                     start=start,
+                    encoding=encoding,
                 )
             )
     return tasks, split_params
 
 
-def _validate(shard_size: int, test_fraction: float | None, seed: int, parallel: str) -> None:
+def _validate(shard_size: int, test_fraction: float | None, seed: int, parallel: str, encoding: str) -> None:
+    if encoding not in mf.ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: allowed {mf.ENCODINGS}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size={shard_size!r}: must be an integer >= 1")
     if test_fraction is not None and not (0.0 <= float(test_fraction) < 1.0):
@@ -228,14 +257,17 @@ def shard_dataset(
     parallel: str = "auto",
     max_workers: int | None = None,
     progress: bool = False,
+    encoding: str = "png",
 ) -> ShardReport:
     """Write `source` as WebDataset shards plus manifest.json under `dest`; reruns redo only what is missing.
 
     test_fraction=None uses the source's own split when it has one (CIFAR) and 0.1 otherwise.
     parallel: 'ray' (Ray tasks; 'auto' picks it when Ray is initialised or RAY_ADDRESS is set),
     'threads', or 'none'.
+    encoding: 'png' (lossless PNG per sample, the smallest for natural images) or 'uint8' (raw
+    arrays, one group per shard: no decoding in the loader; see pipeline.data.manifest).
     """
-    _validate(shard_size, test_fraction, seed, parallel)
+    _validate(shard_size, test_fraction, seed, parallel, encoding)
     dest = dest.rstrip("/")
     parallel = _resolve_parallel(parallel, dest)
     storage.check_writable(dest)  # a missing bucket or credentials fail here, before any work
@@ -243,9 +275,11 @@ def shard_dataset(
     if len(src) == 0:
         raise ValueError(f"source {src.uri}: no images (empty source)")
     tasks, split_params = plan_shards(
-        src, dest, shard_size=shard_size, test_fraction=test_fraction, seed=seed
+        src, dest, shard_size=shard_size, test_fraction=test_fraction, seed=seed, encoding=encoding
     )
     params = {"shard_size": shard_size, "split": split_params, "skip_bad": bool(skip_bad)}
+    if encoding != "png":  # PNG manifests written before the choice existed still match their plan
+        params["encoding"] = encoding
     muri = mf.manifest_uri(dest)
     old = _usable_manifest(muri)
 
@@ -289,7 +323,7 @@ def shard_dataset(
             bar.close()
 
     shards = [entries[t.name] for t in tasks]
-    manifest = build_manifest(src, shards, params=params)
+    manifest = build_manifest(src, shards, params=params, encoding=encoding)
     report.manifest = manifest
     if old != manifest:
         storage.write_json(muri, manifest)
@@ -306,7 +340,7 @@ def shard_dataset(
     return report
 
 
-def build_manifest(src: Source, shards: list[dict], *, params: dict) -> dict:
+def build_manifest(src: Source, shards: list[dict], *, params: dict, encoding: str = "png") -> dict:
     """The manifest dict for shards of `src` (see pipeline.data.manifest)."""
     counts = {split: sum(s["count"] for s in shards if s["split"] == split) for split in ("train", "test")}
     counts["total"] = counts["train"] + counts["test"]
@@ -322,13 +356,13 @@ def build_manifest(src: Source, shards: list[dict], *, params: dict) -> dict:
             "width": src.shape[1],
             "channels": src.shape[2],
             "dtype": "uint8",
-            "encoding": "png",
+            "encoding": encoding,
         },
         "levels": src.levels,
         "label_names": src.label_names,
         "num_classes": len(src.label_names),
         "sample_key": mf.SAMPLE_KEY,
-        "fields": mf.FIELDS,
+        "fields": mf.FIELDS_UINT8 if encoding == "uint8" else mf.FIELDS,
         "skipped": {"count": len(src.skipped), "items": [{"item": i, "reason": r} for i, r in src.skipped]},
         "shards": shards,
     }

@@ -72,6 +72,46 @@ class EMA:
         self.nimg += int(batch_size)
         return beta
 
+    @property
+    def nimg(self) -> int:
+        """Images seen by the updates so far (a host read when `update_masked` keeps it on a device)."""
+        return int(self._nimg_t.item()) if getattr(self, "_nimg_t", None) is not None else self._nimg
+
+    @nimg.setter
+    def nimg(self, value: int) -> None:
+        self._nimg, self._nimg_t = int(value), None
+
+    @torch.no_grad()
+    def update_masked(self, model: nn.Module, batch_size: int, apply: torch.Tensor) -> None:
+        """`update`, applied only where the 0-dim bool tensor `apply` is true, without a host read.
+
+        β and the image count then live on `apply`'s device (float64, exact for counts below 2^53),
+        and a skipped update is a lerp of weight 0, so the same sequence of applied updates gives
+        the same bits as `update` (β computed by the same IEEE operations as `beta`)."""
+        if int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if apply.dtype != torch.bool or apply.ndim != 0:
+            raise ValueError(f"apply must be a 0-dim bool tensor, got {apply.dtype} {tuple(apply.shape)}")
+        if getattr(self, "_nimg_t", None) is None or self._nimg_t.device != apply.device:
+            self._nimg_t = torch.tensor(float(self.nimg), dtype=torch.float64, device=apply.device)
+        halflife = torch.tensor(self.halflife_nimg, dtype=torch.float64, device=apply.device)
+        if self.rampup_ratio is not None:
+            halflife = torch.minimum(halflife, self._nimg_t * self.rampup_ratio)
+        # A true division (a Python number over a tensor would be a reciprocal times the number).
+        beta = torch.pow(0.5, torch.full_like(halflife, batch_size) / halflife.clamp(min=1e-8))
+        weight = torch.where(apply, 1.0 - beta, 0.0)
+        src = unwrap_model(model)
+        shadow_p, model_p = _matched(self.module.named_parameters(), src.named_parameters(), "parameters")
+        if shadow_p:
+            live = [p.detach().to(s.device, s.dtype) for s, p in zip(shadow_p, model_p, strict=True)]
+            weights = {}
+            for s in shadow_p:
+                weights.setdefault((s.device, s.dtype), weight.to(s.device, s.dtype))
+            torch._foreach_lerp_(shadow_p, live, [weights[(s.device, s.dtype)] for s in shadow_p])
+        for s, b in zip(*_matched(self.module.named_buffers(), src.named_buffers(), "buffers"), strict=True):
+            s.copy_(torch.where(apply.to(s.device), b, s))
+        self._nimg_t += apply.double() * int(batch_size)
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights into `model` (e.g. a fresh network for sampling)."""

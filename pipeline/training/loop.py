@@ -61,6 +61,8 @@ class _Accum:
     bucket_sum: Tensor
     bucket_count: Tensor
     grad_norm_sum: Tensor
+    finite_steps: Tensor
+    skipped: Tensor  # steps skipped since the last flush into Position (a device count)
     steps: int = 0
     images: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -143,35 +145,83 @@ class Trainer:
         loss.backward()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
-        # Deciding needs one host sync; it is the price of never corrupting the weights with a NaN.
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if finite:
+        # Decided on the device, never read here: a host read per step would stall the GPU queue.
+        # A non-finite loss or gradient leaves weights, optimiser state and EMA exactly as they were.
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # 0-dim bool
+        if self._skip_on_device():
+            self._masked_optimizer_step(finite)
+            self.ema.update_masked(self.net, batch_size=self.config.batch_size, apply=finite)
+        elif bool(finite):  # on the CPU the device is the host: this read costs nothing
             self.optimizer.step()
             self.ema.update(self.net, batch_size=self.config.batch_size)
-            self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), x.shape[0])
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.position.skipped_steps += 1
+        self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), finite, x.shape[0])
         self.position.step += 1
+
+    def _skip_on_device(self) -> bool:
+        """Decide the non-finite skip on the device (no host read) unless the device is the CPU, where
+        the masked update would only add work; `sync_free_skip` (an attribute) overrides, for tests."""
+        return getattr(self, "sync_free_skip", self.device.type != "cpu")
+
+    def _masked_optimizer_step(self, finite: Tensor) -> None:
+        """`optimizer.step()` where `finite` is true, a no-op (step count included) where it is not.
+
+        Fused Adam/AdamW take the skip as `found_inf` (the hook GradScaler uses): the kernel leaves
+        the weights and moments alone and the step count is decremented back, all on the device.
+        Any other optimiser steps, then puts back a snapshot of its weights and state where the
+        step was non-finite (one copy of weights and state per step; exact either way)."""
+        opt = self.optimizer
+        if opt.defaults.get("fused") and isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            opt.found_inf = (~finite).float()
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+            return
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        before = [(p, p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()
+                                          if isinstance(v, Tensor)} if p in opt.state else None)
+                  for p in params]
+        opt.step()
+        with torch.no_grad():
+            for p, p_old, state_old in before:
+                p.copy_(torch.where(finite, p, p_old))
+                for k, v in opt.state[p].items():
+                    if not isinstance(v, Tensor):
+                        continue
+                    # State made by this very step (the first) goes back to Adam's fresh zeros.
+                    old = state_old[k] if state_old is not None else torch.zeros_like(v)
+                    v.copy_(torch.where(finite.to(v.device), v, old))
 
     def _new_accum(self) -> _Accum:
         z = lambda n=(): torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
         nb = len(SIGMA_BUCKETS) + 1
-        return _Accum(z(), z(), z(nb), z(nb), z())
+        return _Accum(z(), z(), z(nb), z(nb), z(), z(), z())
 
-    def _record(self, per_sample: Tensor, sigma: Tensor, grad_norm: Tensor, n: int) -> None:
+    def _record(self, per_sample: Tensor, sigma: Tensor, grad_norm: Tensor, finite: Tensor, n: int) -> None:
+        """Accumulate a step's metrics on the device; a skipped step adds exact zeros and one skip."""
         a = self._accum
-        a.loss_sum += per_sample.double().sum()
-        a.count += per_sample.numel()
+        keep = finite.double()
+        loss = torch.where(finite, per_sample.double(), 0.0)  # NaN·0 would be NaN: select, not scale
+        a.loss_sum += loss.sum()
+        a.count += keep * per_sample.numel()
         idx = torch.bucketize(sigma.double(), self._sigma_edges)  # no host→device copy per step
-        a.bucket_sum.index_add_(0, idx, per_sample.double())
-        a.bucket_count.index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float64))
-        a.grad_norm_sum += grad_norm.double()
+        a.bucket_sum.index_add_(0, idx, loss)
+        a.bucket_count.index_add_(0, idx, keep.expand_as(loss))
+        a.grad_norm_sum += torch.where(finite, grad_norm.double(), 0.0)
+        a.finite_steps += keep
+        a.skipped += 1.0 - keep
         a.steps += 1
         a.images += n
 
+    def _flush_skipped(self) -> None:
+        """Fold the device's count of skipped steps into `position` (one host read: reports, checkpoints)."""
+        skipped = self._accum.skipped
+        self.position.skipped_steps += int(skipped.item())
+        skipped.zero_()
+
     def pop_metrics(self) -> dict[str, Any]:
         """Metrics since the last call (one host sync), then reset the accumulators."""
+        self._flush_skipped()
         a, self._accum = self._accum, self._new_accum()
         elapsed = max(time.perf_counter() - a.started, 1e-9)
         count = max(float(a.count), 1.0)
@@ -184,9 +234,9 @@ class Trainer:
             "step": self.position.step,
             "loss": float(a.loss_sum) / count,
             **buckets,
-            "grad_norm": float(a.grad_norm_sum) / max(a.steps, 1),
+            "grad_norm": float(a.grad_norm_sum) / max(float(a.finite_steps), 1.0),
             "lr": self.lr_at(max(self.position.step - 1, 0)),
-            "img_per_s": a.images / elapsed,
+            "img_per_s": float(a.count) / elapsed,  # images of the steps taken, as before
             "skipped_steps": self.position.skipped_steps,
         }
 
@@ -194,6 +244,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors and Python scalars only: loadable with torch.load(weights_only=True)."""
+        self._flush_skipped()
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
