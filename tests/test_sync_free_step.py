@@ -73,7 +73,7 @@ def _assert_same_state(a: Trainer, b: Trainer) -> None:
 @pytest.mark.parametrize("fused", [False, True], ids=["snapshot", "fused-found_inf"])
 def test_sync_free_skip_matches_the_host_decided_skip(fused):
     config = _config()
-    new, ref = Trainer(config), Trainer(config)
+    new, ref = Trainer.from_config(config), Trainer.from_config(config)
     new.sync_free_skip = True  # the accelerator path, on the CPU
     if fused:  # the CUDA path (fused Adam's found_inf), exercised with PyTorch's fused CPU kernel
         for t in (new, ref):
@@ -93,7 +93,7 @@ def test_sync_free_skip_matches_the_host_decided_skip(fused):
 
 @pytest.mark.parametrize("sync_free", [True, False], ids=["on-device", "cpu-default"])
 def test_skipped_step_is_not_averaged_into_metrics(sync_free):
-    new = Trainer(_config())
+    new = Trainer.from_config(_config())
     new.sync_free_skip = sync_free
     for x, labels in _batches(4, bad_at={1}):
         new.train_step(x, labels)
@@ -105,7 +105,7 @@ def test_skipped_step_is_not_averaged_into_metrics(sync_free):
 
 def test_cpu_default_path_matches_the_reference_too():
     config = _config()
-    new, ref = Trainer(config), Trainer(config)
+    new, ref = Trainer.from_config(config), Trainer.from_config(config)
     assert not new._skip_on_device()
     for trainer, step in ((new, Trainer.train_step), (ref, reference_step)):
         torch.manual_seed(7)
