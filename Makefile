@@ -14,7 +14,7 @@ venv:
 # The full DAG on the embedded default: a local Prefect server with its UI on 127.0.0.1:4200
 # (started or reused), a local Ray, artifacts under ./artifacts/run.
 demo: venv
-	$(PY) -m pipeline.cli run --server local $(DEMO_ARGS)
+	$(PY) -m pipeline.cli run --server local --require-gates $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m ruff check .

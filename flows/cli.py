@@ -90,6 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="local: start or reuse a Prefect server with its UI on 127.0.0.1:4200; env: use "
                         "PREFECT_API_URL (a temporary server when unset); temporary: always a temporary one")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    p.add_argument("--require-gates", action="store_true",
+                   help="exit 1 when a quality gate of the report fails (FID against its floor, class "
+                        "accuracy, bits/dim)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("serve", help="serve the end-to-end flow as a cron-scheduled deployment (blocks)")
@@ -119,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
     state = diffusion_pipeline(**params, return_state=True)
     from pipeline import storage
+    from pipeline.layout import RunLayout
 
     print()
     if ui:
@@ -128,8 +132,13 @@ def _run(args: argparse.Namespace) -> int:
     if not state.is_completed():
         print(f"flow run ended {state.name}: {state.message}")
         return 1
-    print(f"report:       {storage.join(params['root'], 'report.md')}")
-    print(storage.read_bytes(storage.join(params["root"], "report.md")).decode())
+    layout = RunLayout(params["root"])
+    print(f"report:       {layout.report}")
+    print(storage.read_bytes(layout.report).decode())
+    failed = [v for v in storage.read_json(layout.summary).get("verdicts", []) if not v["passed"]]
+    if args.require_gates and failed:
+        print(f"{len(failed)} quality gate(s) failed: {', '.join(v['name'] for v in failed)}")
+        return 1
     return 0
 
 

@@ -57,12 +57,16 @@ def train_flow(data: str, out: str, config: dict[str, Any],
 @flow(name="evaluate")
 def evaluate_flow(checkpoint: str, data: str, root: str, params: EvalParams | None = None, seed: int = 0,
                   domain_classifier: bool = True) -> dict[str, Any]:
-    """Sampling + FID (domain or Inception features) + bits/dim by the ODE and the ELBO."""
+    """Sampling + FID (domain or Inception features) + bits/dim by the ODE and the ELBO. Samples are
+    stored and scored on the data's own grid of levels (its manifest's)."""
+    from pipeline.data.manifest import read_manifest
+
     p = params or EvalParams()
+    levels = int(read_manifest(data)["levels"])
     layout = RunLayout(root)
     classifier = classifier_task(data, layout.classifier)["classifier"] if domain_classifier else None
     samples = sample_task(checkpoint, layout.samples, p.n_samples, p.sampler, p.sample_steps, p.guidance,
-                          seed, p.sample_workers)
+                          seed, p.sample_workers, levels)
     fid = fid_task(samples["samples"], data, layout.eval, classifier, min(200, p.n_samples))
     like = likelihood_task(checkpoint, data, layout.eval, p.likelihood_samples, elbo_samples=p.elbo_samples)
     return {"samples": samples, "fid": fid, "likelihood": like, "classifier": classifier}

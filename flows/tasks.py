@@ -11,11 +11,16 @@ import os
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import INPUTS
 from prefect.tasks import exponential_backoff
 
-from pipeline import stages
+from pipeline import reports, stages
 from pipeline.config import RunOptions
 
 RETRIES = int(os.environ.get("PIPELINE_TASK_RETRIES", "3"))
@@ -67,10 +72,27 @@ def shard_task(source: str, data: str, shard_size: int = 1000, test_fraction: fl
     return publish(res, "dataset", "WebDataset shards and manifest")
 
 
+class _LiveTraining:
+    """Progress bar and live metrics table of a training run in the Prefect UI, updated at each report."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        done = 100.0 * p["step"] / max(p["total"], 1)
+        if self.bar is None:
+            self.bar = create_progress_artifact(done, key="training-progress",
+                                                description="training steps done / total (%)")
+        else:
+            update_progress_artifact(self.bar, done)
+        create_markdown_artifact(reports.progress_markdown(p), key="training-live",
+                                 description="training metrics at the latest report")
+
+
 @task(name="train", **RETRY)
 def train_task(config: dict[str, Any], data: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
-    res = publish(stages.train_stage(config, data, out, options=RunOptions(**options)), "training",
-                  "DSM training")
+    res = stages.train_stage(config, data, out, options=RunOptions(**options), on_progress=_LiveTraining())
+    res = publish(res, "training", "DSM training")
     _link(res["ema"], "EMA weights", "ema-weights")
     if res.get("ray_path"):
         _link(res["ray_path"], "Ray Train run storage", "ray-run")
@@ -84,9 +106,9 @@ def classifier_task(data: str, out: str, epochs: int = 20, seed: int = 0) -> dic
 
 @task(name="sample", **RETRY)
 def sample_task(checkpoint: str, out: str, n: int, method: str = "heun", steps: int = 32,
-                guidance: float = 0.0, seed: int = 0, workers: int = 0) -> dict[str, Any]:
+                guidance: float = 0.0, seed: int = 0, workers: int = 0, levels: int = 256) -> dict[str, Any]:
     res = publish(stages.sample_stage(checkpoint, out, n=n, method=method, steps=steps, guidance=guidance,
-                                      seed=seed, workers=workers), "samples")
+                                      seed=seed, workers=workers, levels=levels), "samples")
     _link(res["grid"], "sample grid (PNG)", "sample-grid")
     return res
 

@@ -74,21 +74,33 @@ def likelihood_markdown(result: dict[str, Any]) -> str:
 
 
 def guidance_markdown(res: dict[str, Any]) -> str:
-    lines = ["### Guidance sweep (FID and classifier precision versus w)", "",
-             "| sampler | steps | w | FID | precision | NFE |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['fid']:.3f} | {fmt(r['precision'], 3)} | "
-              f"{r['nfe']} |" for r in res["rows"] if r["fid"] is not None]
+    lines = ["### Guidance sweep (FID and class accuracy versus w)", "",
+             "| sampler | steps | w | FID | floor at N (min–max) | N | class accuracy | NFE |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {fmt(r['fid'], 3)} | {fmt(r.get('floor'), 3)} "
+              f"({fmt(r.get('floor_min'), 3)}–{fmt(r.get('floor_max'), 3)}) | {fmt(r.get('n'))} | "
+              f"{fmt(r['precision'], 3)} | {fmt(r['nfe'])} |" for r in res["rows"] if r["fid"] is not None]
     if res.get("best"):
         lines += ["", f"best w = {res['best']['w']:g} (FID {res['best']['fid']:.3f})"]
     return "\n".join(lines)
+
+
+def progress_markdown(p: dict[str, Any]) -> str:
+    """The live metrics table of a training run at its latest report."""
+    m = p.get("metrics") or {}
+    keys = ["step", "loss", *sorted(k for k in m if k.startswith("loss_sigma_")), "grad_norm", "lr",
+            "img_per_s", "skipped_steps"]
+    return f"### Training: step {p['step']} / {p['total']}\n\n" + table([(k, m[k]) for k in keys if k in m])
 
 
 def run_markdown(s: dict[str, Any]) -> str:
     """The run at a glance: one row per stage."""
     ev = s["evaluate"]
     fid, like, smp = ev["fid"], ev["likelihood"], ev["samples"]
-    floor = (fid.get("floor") or {}).get("fid")
-    floor_text = f" (real-vs-real floor {floor:.3f})" if floor is not None else ""
+    floor = fid.get("floor") or {}
+    floor_text = (f" (real-vs-real floor at N={floor['n']}: {floor['fid']:.3f}, "
+                  f"{floor['min']:.3f}–{floor['max']:.3f} over {floor['draws']} draws)") if floor else ""
+    acc = f", class accuracy {fid['class_accuracy']:.3f}" if fid.get("class_accuracy") is not None else ""
     lines = [
         f"# Diffusion pipeline run: `{s['root']}`", "",
         "| stage | result |", "|---|---|",
@@ -97,18 +109,22 @@ def run_markdown(s: dict[str, Any]) -> str:
         f"| train | step {s['train']['step']}, EMA `{s['train']['ema']}` |",
         f"| samples | {smp['n']} × {smp['method']} ({smp['steps']} steps, NFE {smp['nfe_per_sample']:.0f}, "
         f"w={smp['guidance_w']:g}), grid `{smp['grid']}` |",
-        f"| FID | {fid['fid']:.3f}{floor_text} |",
+        f"| FID | {fid['fid']:.3f}{floor_text}{acc} |",
         f"| bits/dim, ODE | {like['bpd_ode']:.4f} ± {like['bpd_ode_stderr']:.4f} (N={like['n']}, "
         f"NFE {like['nfe_mean']:.0f}) |",
         f"| bits/dim, ELBO | {like['bpd_elbo']:.4f} ± {like['bpd_elbo_stderr']:.4f} |",
     ]
     if s.get("tune"):
+        rows = [r for r in s["tune"]["rows"] if r["fid"] is not None]
+        curve = "; ".join(f"w={r['w']:g}: FID {r['fid']:.2f}, accuracy {fmt(r.get('precision'), 3)}"
+                          for r in rows)
+        floors = [r["floor"] for r in rows if r.get("floor") is not None]
+        spread = (f" Floor at N={rows[0].get('n')}: {min(floors):.2f}–{max(floors):.2f}." if floors else "")
         best = s["tune"]["best"]
-        curve = ", ".join(f"w={r['w']:g}: {r['fid']:.2f}" for r in s["tune"]["rows"] if r["fid"] is not None)
-        lines.append(f"| guidance sweep | best w={best['w']:g} (FID {best['fid']:.3f}); FID by w: {curve} |")
+        lines.append(f"| guidance sweep | best w={best['w']:g} (FID {best['fid']:.3f}). {curve}.{spread} |")
     lines.append("")
     return "\n".join(lines)
 
 
-__all__ = ["MAX_EMBED_BYTES", "embed_png", "fmt", "guidance_markdown", "likelihood_markdown", "run_markdown",
-           "table"]
+__all__ = ["MAX_EMBED_BYTES", "embed_png", "fmt", "guidance_markdown", "likelihood_markdown",
+           "progress_markdown", "run_markdown", "table"]

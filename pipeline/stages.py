@@ -8,7 +8,9 @@ result carries a "markdown" entry: what the flows publish to the UI for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from . import reports, storage
@@ -46,10 +48,13 @@ def manifest_sha256(data: str) -> str:
 
 
 def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *,
-                options: RunOptions | None = None) -> dict[str, Any]:
+                options: RunOptions | None = None,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Ray Train DSM training; resumes from `out`'s latest checkpoint, and returns at once when the run
-    already reached `config.steps`."""
+    already reached `config.steps`. `on_progress(progress)` is called at each report while it runs
+    (`training.progress`); the result's markdown embeds the loss curves."""
     from .training.checkpoint import EMA_EXPORT, list_checkpoints
+    from .training.progress import watch_progress
     from .training.ray_train import train
 
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
@@ -60,7 +65,8 @@ def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *,
         res = {"ema": ema_uri, "checkpoint": done[-1][1], "step": done[-1][0], "skipped": True,
                "metrics": _last_history(out)}
     else:
-        result = train(cfg, data=data, out=out, options=options.replace(resume=bool(done)))
+        with watch_progress(out, on_progress) if on_progress else contextlib.nullcontext():
+            result = train(cfg, data=data, out=out, options=options.replace(resume=bool(done)))
         res = {"ema": result.ema, "checkpoint": result.checkpoint, "step": result.step, "skipped": False,
                "metrics": result.history[-1] if result.history else result.metrics,
                "seconds": result.seconds, "ray_path": result.ray_path}
@@ -70,8 +76,21 @@ def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *,
     rows += [(k, m[k]) for k in ("loss", "grad_norm", "lr", "img_per_s", "skipped_steps") if k in m]
     if res["skipped"]:
         rows.append(("note", "already trained to this step: skipped"))
-    res["markdown"] = "### Training\n\n" + reports.table(rows)
+    res["markdown"] = "### Training\n\n" + reports.table(rows) + _loss_curves(out)
     return res
+
+
+def _loss_curves(out: str) -> str:
+    """The run's loss curves (total and per-σ̃ bucket) as train/loss.png, embedded."""
+    from .plots import loss_curves
+
+    uri = RunLayout.history(out)
+    history = storage.read_json(uri) if storage.exists(uri) else []
+    if not history:
+        return ""
+    png = loss_curves(history)
+    storage.write_bytes(RunLayout.loss_curve(out), png)
+    return "\n\n" + reports.embed_png(png, "loss curves", link=RunLayout.loss_curve(out))
 
 
 def _last_history(out: str) -> dict[str, Any]:
@@ -117,6 +136,9 @@ def sample_stage(checkpoint: str, out: str, *, n: int, method: str = "heun", ste
            "guidance_w": rec["guidance_w"], "seconds": rec["seconds"]}
     res["markdown"] = "### Samples\n\n" + reports.table(
         [(k, res[k]) for k in ("n", "method", "steps", "nfe_per_sample", "guidance_w", "seconds")])
+    if storage.exists(res["grid"]):
+        grid = storage.read_bytes(res["grid"])
+        res["markdown"] += "\n\n" + reports.embed_png(grid, "samples", link=res["grid"])
     return res
 
 
@@ -137,8 +159,8 @@ def fid_stage(samples: str, data: str, out: str, *, extractor: str = "auto", cla
         raise ValueError("extractor 'domain' needs classifier= the domain classifier's folder URI")
     res = evaluate_samples(samples, data, build_extractor(extractor, weights=weights), out_uri=out,
                            kid_subset_size=kid_subset_size)
-    return {**{k: res[k] for k in ("fid", "kid", "floor", "n", "report_uris") if k in res},
-            "markdown": markdown_report(res)}
+    keep = ("fid", "kid", "kid_note", "floor", "class_accuracy", "n", "report_uris")
+    return {**{k: res[k] for k in keep if k in res}, "markdown": markdown_report(res)}
 
 
 def likelihood_stage(checkpoint: str, data: str, out: str, *, max_samples: int = 256, batch_size: int = 64,
@@ -177,19 +199,28 @@ def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
         res = sweep_guidance(checkpoint=checkpoint, data=data, classifier=classifier, out=out,
                              weights=tuple(weights), samplers=tuple(samplers), steps=tuple(steps), n=n,
                              seed=seed)
-    out_res = {"best": res["best"]["overall"],
-               "rows": [{k: r[k] for k in ("sampler", "steps", "w", "fid", "precision", "nfe")}
-                        for r in res["rows"]],
+    cols = ("sampler", "steps", "w", "fid", "precision", "nfe", "n", "floor", "floor_min", "floor_max")
+    out_res = {"best": res["best"].get("overall"), "rows": [{k: r.get(k) for k in cols} for r in res["rows"]],
                "report": res["report"], "complete": res["complete"]}
-    out_res["markdown"] = reports.guidance_markdown(out_res)
+    plot = res["report"].get("plot")
+    out_res["markdown"] = reports.guidance_markdown(out_res) + (
+        "\n\n" + reports.embed_png(storage.read_bytes(plot), "FID versus w", link=plot) if plot else "")
     return out_res
 
 
 def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
-    """The run's report.md and summary.json under its root (stage results without their markdown)."""
+    """The run's report.md and summary.json under its root (stage results without their markdown), with
+    the quality gates' verdicts (`gates.py`)."""
+    from . import gates
+
     layout = RunLayout(summary["root"])
     clean = _without_markdown(summary)
-    markdown = reports.run_markdown(clean)
+    verdicts = gates.judge(clean, levels=(clean.get("data") or {}).get("levels"))
+    clean["verdicts"] = gates.as_dicts(verdicts)
+    markdown = reports.run_markdown(clean) + "\n" + gates.markdown(verdicts)
+    grid = ((clean.get("evaluate") or {}).get("samples") or {}).get("grid")
+    if grid and storage.exists(grid):
+        markdown += "\n" + reports.embed_png(storage.read_bytes(grid), "samples", link=grid) + "\n"
     storage.write_bytes(layout.report, markdown.encode())
     storage.write_json(layout.summary, clean)
     return {"report": layout.report, "markdown": markdown, "summary": clean}

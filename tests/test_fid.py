@@ -143,6 +143,58 @@ def test_kid_matches_definition_and_ranks():
         kernel_inception_distance(a, b, subsets=0)
 
 
+def test_kid_on_inception_sized_features_equals_the_unbiased_estimator_written_out():
+    """2048-d features of Inception's scale (pool3 activations are ReLU'd, order one): one subset of
+    every feature is exactly the unbiased MMD² with k(x, y) = (xᵀy/d + 1)³, written as plain sums."""
+    rng = np.random.default_rng(11)
+    d = 2048
+    x = np.abs(rng.normal(size=(40, d))) * 0.5
+    y = np.abs(rng.normal(size=(30, d))) * 0.5 + 0.05
+    k = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    direct = ((k[0].sum() - np.trace(k[0])) / (40 * 39) + (k[1].sum() - np.trace(k[1])) / (30 * 29)
+              - 2 * k[2].mean())
+    assert mmd2_unbiased(x, y) == pytest.approx(direct, rel=1e-12)
+    # One subset of 30: KID draws 30 of x's 40 rows with its seeded generator, and all of y (in some
+    # order, to which the estimator is blind).
+    mean, _ = kernel_inception_distance(x, y, subsets=1, subset_size=30, seed=0)
+    ix = np.random.default_rng(0).choice(40, 30, replace=False)
+    kxx, kyy, kxy = (x[ix] @ x[ix].T / d + 1) ** 3, k[1], (x[ix] @ y.T / d + 1) ** 3
+    expected = ((kxx.sum() - np.trace(kxx)) / (30 * 29) + (kyy.sum() - np.trace(kyy)) / (30 * 29)
+                - 2 * kxy.mean())
+    assert mean == pytest.approx(expected, rel=1e-10) and expected > 0
+
+
+def test_kid_is_reported_for_inception_features_only():
+    from pipeline.evaluation.fid import FeatureStats
+    from pipeline.evaluation.report import KID_OMITTED, kid_applies, score_features
+
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(300, 8)), rng.normal(size=(100, 8)) + 0.2
+    stats = feature_stats(real)
+    for extractor_id, has_kid in (("inception-v3-fid/pool3", True),
+                                  ("domain-classifier/digits/penultimate", False)):
+        ref = FeatureStats(mu=stats.mu, sigma=stats.sigma, n=300, extractor_id=extractor_id,
+                           weights_sha256="w")
+        ref.features = real.astype(np.float32)
+        out = score_features(fake, ref, kid_subsets=5, kid_subset_size=50)
+        assert kid_applies(extractor_id) is has_kid
+        assert ("kid" in out) is has_kid and (out.get("kid_note") == KID_OMITTED) is (not has_kid)
+        # The floor is real-vs-real at the samples' N = 100 against the same reference.
+        assert out["floor"]["n"] == 100 and out["floor"]["min"] <= out["floor"]["fid"] <= out["floor"]["max"]
+        assert 0 < out["floor"]["fid"] < out["fid"]
+
+
+def test_matched_floor_falls_with_n():
+    from pipeline.evaluation.fid import matched_floor
+
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(2000, 6))
+    stats = feature_stats(real)
+    stats.features = real
+    small, large = matched_floor(stats, 50)["fid"], matched_floor(stats, 800)["fid"]
+    assert small > 3 * large > 0  # FID's small-N bias: the reason a floor must match N
+
+
 class PixelFeatures(FeatureExtractor):
     """A real (if plain) extractor for the cache tests: the image's 8-bit pixels."""
 

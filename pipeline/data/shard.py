@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data import manifest as mf
+from pipeline.data.augment import MIRROR_KEY
 from pipeline.data.sources import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,7 @@ def build_manifest(src: Source, shards: list[dict], *, params: dict, encoding: s
             "encoding": encoding,
         },
         "levels": src.levels,
+        MIRROR_KEY: src.mirror_invariant,
         "label_names": src.label_names,
         "num_classes": len(src.label_names),
         "sample_key": mf.SAMPLE_KEY,

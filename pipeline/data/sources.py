@@ -33,6 +33,9 @@ class Source:
     """Base: `ids` are indices into the original source, `labels` int64, images uint8 [H, W, C]."""
 
     kind = "source"
+    # Whether a mirrored image keeps its meaning (manifest key "mirror_invariant", see data/augment.py):
+    # None = unknown (the user decides whether to flip), False = mirroring changes the class.
+    mirror_invariant: bool | None = None
 
     def __init__(
         self,
@@ -106,7 +109,7 @@ class ArraySource(Source):
             fingerprint=self.fingerprint,
             ids=self.ids[p],
         )
-        out.kind = self.kind
+        out.kind, out.mirror_invariant = self.kind, self.mirror_invariant
         return out
 
 
@@ -383,6 +386,7 @@ def digits_source() -> ArraySource:
         fingerprint=_array_fingerprint(images, labels, "17"),
     )
     src.kind = "sklearn-digits"
+    src.mirror_invariant = False  # a mirrored 2, 3, 5, 6, 7 or 9 is not that digit
     return src
 
 
