@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import multistep
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 from .schedules import time_grid
 from .sde import SDE, VESDE, ScoreFn, expand_like
 
@@ -338,8 +340,16 @@ _METHODS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
     "ode": (sample_ode, {"denoise": False, "solver": "dopri5", "rtol": 1e-5, "atol": 1e-5}),
     "heun": (sample_heun, {"denoise": False, "rho": 7.0, "S_churn": 0.0, "S_tmin": 0.0,
                            "S_tmax": float("inf"), "S_noise": 1.0}),
+    # Fast multistep solvers in log-SNR form (multistep.py).
+    "dpmpp_2m": (sample_dpmpp_2m, {"denoise": False, "grid": "logsnr", "rho": 7.0,
+                                   "lower_order_final": True}),
+    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, {"denoise": False, "grid": "logsnr", "rho": 7.0, "eta": 1.0,
+                                           "lower_order_final": True}),
+    "unipc": (sample_unipc, {"denoise": False, "grid": "logsnr", "rho": 7.0, "order": 3, "variant": "bh2",
+                             "corrector": True, "lower_order_final": True}),
 }
 METHODS: tuple[str, ...] = tuple(_METHODS)
+MULTISTEP_METHODS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 
 def allowed_options(method: str) -> dict[str, Any]:
@@ -367,7 +377,8 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
     if "variance" in opts:
         _require(opts["variance"] in VARIANCES, "variance", opts["variance"], f"one of {VARIANCES}")
     if "grid" in opts:
-        _require(opts["grid"] in GRIDS, "grid", opts["grid"], f"one of {GRIDS}")
+        grids = multistep.MULTISTEP_GRIDS if method in MULTISTEP_METHODS else GRIDS
+        _require(opts["grid"] in grids, "grid", opts["grid"], f"one of {grids}")
     if "eta" in opts:
         _require(isinstance(opts["eta"], num) and 0 <= opts["eta"] <= 1, "eta", opts["eta"], "in [0, 1]")
     if method == "pc":
@@ -389,8 +400,18 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
         _require(opts["solver"] in solvers, "solver", opts["solver"], f"one of {solvers}")
         for key in ("rtol", "atol"):
             _require(isinstance(opts[key], num) and opts[key] > 0, key, opts[key], "> 0")
-    if method == "heun":
+    if method in MULTISTEP_METHODS:
+        for key in ("lower_order_final", "corrector"):
+            if key in opts:
+                _require(isinstance(opts[key], bool), key, opts[key], "a bool")
+        if method == "unipc":
+            _require(opts["order"] in (1, 2, 3) and not isinstance(opts["order"], bool), "order",
+                     opts["order"], "1, 2 or 3")
+            _require(opts["variant"] in multistep.UNIPC_VARIANTS, "variant", opts["variant"],
+                     f"one of {multistep.UNIPC_VARIANTS}")
+    if method == "heun" or method in MULTISTEP_METHODS:
         _require(isinstance(opts["rho"], num) and opts["rho"] > 0, "rho", opts["rho"], "> 0")
+    if method == "heun":
         for key in ("S_churn", "S_tmin", "S_tmax", "S_noise"):
             _require(isinstance(opts[key], num) and opts[key] >= 0, key, opts[key], ">= 0")
 
@@ -438,7 +459,8 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
 
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "ScoreCounter", "allowed_options", "check_options",
-    "sample", "sample_ancestral", "sample_annealed_langevin", "sample_ddim", "sample_euler_maruyama",
-    "sample_heun", "sample_ode", "sample_pc",
+    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "MULTISTEP_METHODS", "ScoreCounter", "allowed_options",
+    "check_options", "sample", "sample_ancestral", "sample_annealed_langevin", "sample_ddim",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler_maruyama", "sample_heun", "sample_ode",
+    "sample_pc", "sample_unipc",
 ]
