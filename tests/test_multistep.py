@@ -8,7 +8,7 @@ import torch
 
 from pipeline.diffusion.multistep import multistep_grid, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 from pipeline.diffusion.samplers import MULTISTEP_METHODS, sample, sample_ddim, sample_heun, sample_ode
-from pipeline.diffusion.sde import VPSDE
+from pipeline.diffusion.sde import VPSDE, CosineVPSDE
 from tests.test_samplers import MIX, SDES, N, _assign, _spread, assert_reproduces_mixture
 from tests.test_samplers import reference as reference  # the module-scoped fixture
 
@@ -29,6 +29,15 @@ def test_multistep_reproduces_mixture(sde_name, method, steps, options, referenc
     x, nfe = sample(method, MIX.score_fn(sde), sde, (N, 2), steps=steps, seed=1, dtype=F64, **options)
     assert_reproduces_mixture(x, reference)
     assert nfe == steps  # one score evaluation per step, the corrector included
+
+
+@pytest.mark.parametrize("method", MULTISTEP_METHODS)
+def test_cosine_vp_reproduces_mixture(method, reference):
+    """The cosine schedule's σ̃ inverse near t_max, through the log-SNR grid."""
+    sde = CosineVPSDE()
+    x, nfe = sample(method, MIX.score_fn(sde), sde, (N, 2), steps=40, seed=1, dtype=F64)
+    assert_reproduces_mixture(x, reference)
+    assert nfe == 40
 
 
 # ---- the acceptance comparison: fewer NFE than EDM's Heun for the same sample error -------------------
