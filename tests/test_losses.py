@@ -65,6 +65,8 @@ def _score_space_weight(param: str, weighting: str, sde, t, alpha, sigma) -> tor
         return sigma**2
     if weighting == "likelihood":
         return sde.sde(torch.zeros(t.shape[0], 1, dtype=t.dtype), t)[1] ** 2
+    if weighting == "min_snr":  # γ = 5 (the default): σ² min(1, γ σ²/α²)
+        return sigma**2 * torch.clamp(5.0 * sigma**2 / alpha**2, max=1.0)
     # "simple": the network's own target, rewritten as a score error (x0 = (x + σ²∇)/α, v = ...).
     return {"eps": sigma**2, "score": sigma**2, "x0": sigma**4 / alpha**2,
             "v": sigma**2 * (alpha**2 + sigma**2) ** 2 / alpha**2}[param]

@@ -151,6 +151,7 @@ SMALL = {
     "ancestral": (20, {}), "ddim": (20, {"eta": 0.3}), "euler_maruyama": (20, {}), "pc": (25, {}),
     "annealed_langevin": (5, {"n_steps_each": 3, "step_lr": 1e-5}), "ode": (1, {"rtol": 1e-4, "atol": 1e-4}),
     "heun": (10, {"S_churn": 2.0}),
+    "dpmpp_2m": (10, {}), "dpmpp_2m_sde": (10, {}), "unipc": (10, {}),
 }
 
 

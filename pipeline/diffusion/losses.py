@@ -1,4 +1,5 @@
-"""Denoising score matching losses: DSM on any SDE (Vincent 2011; Song et al. 2021) and EDM's loss.
+"""Denoising score matching losses: DSM on any SDE (Vincent 2011; Song et al. 2021), EDM's loss, and
+EDM2's learned uncertainty weighting around either (Karras et al. 2024, Sec. 5.1).
 
 Both are small callables `loss(net, x0, class_labels=None, generator=None) -> [B]` returning one loss per
 sample; the training loop reduces over the batch. Networks follow the contract
@@ -14,14 +15,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .param import NOISE_LABELS, Net, edm_denoise, log_normal_sigma, noise_label, output_to_score
 from .sde import SDE, expand_like
 
 LOSSES: tuple[str, ...] = ("dsm", "edm")
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score")
-WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood")
+WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood", "min_snr")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 # Importance-sampling table for t: uniform points plus points geometric towards each end, so the 1/t
@@ -87,6 +88,9 @@ class DSMLoss:
                     Murray & Ermon 2021, Thm. 1). With importance_sampling=True, t is drawn from
                     p(t) ∝ g²/σ² and multiplied by w(t) = 1/((T − eps) p(t)), so the estimator has the same
                     expectation, (T − eps)⁻¹ ∫ g² E‖·‖² dt, with a much smaller variance.
+      "min_snr"     Min-SNR-γ (Hang et al. 2023, eq. 7): min(SNR, γ) ‖x̂_0 − x0‖² with SNR = α²/σ², i.e.
+                    λ(t) = σ² min(1, γ/SNR) in score space, for every parameterisation. γ = min_snr_gamma
+                    (5 in the paper); γ = ∞ is "sigma2" (the ε-MSE) exactly.
 
     Relation to the likelihood: with weighting="likelihood" and reduce="sum", (T − eps)/2 · E_t[loss] =
     ½ ∫_eps^T g(t)² E‖s_θ(x_t, t) − ∇log p_0t(x_t | x0)‖² dt, the only θ-dependent term of the
@@ -97,9 +101,13 @@ class DSMLoss:
 
     def __init__(self, sde: SDE, *, parameterization: str = "eps", weighting: str = "simple",
                  importance_sampling: bool = False, eps: float = 1e-5, noise_label_kind: str = "log_sigma",
-                 reduce: str = "mean", label_dropout: float = 0.0, null_label: int | None = None) -> None:
+                 reduce: str = "mean", label_dropout: float = 0.0, null_label: int | None = None,
+                 min_snr_gamma: float = 5.0) -> None:
         _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         _check_choice("weighting", weighting, WEIGHTINGS)
+        if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) \
+                or not min_snr_gamma > 0:  # also rejects NaN
+            raise ValueError(f"min_snr_gamma must be a number > 0 (inf: no clamp), got {min_snr_gamma!r}")
         _check_choice("reduce", reduce, REDUCTIONS)
         _check_choice("noise_label_kind", noise_label_kind, NOISE_LABELS)
         if importance_sampling and weighting != "likelihood":
@@ -112,6 +120,7 @@ class DSMLoss:
         self.importance_sampling, self.eps = bool(importance_sampling), float(eps)
         self.noise_label_kind = noise_label_kind
         self.reduce, self.label_dropout, self.null_label = reduce, float(label_dropout), null_label
+        self.min_snr_gamma = float(min_snr_gamma)
         self._table: dict[torch.device, tuple[Tensor, Tensor]] = {}
         if self.importance_sampling:
             self._table[torch.device("cpu")] = self._tabulate_is_density()
@@ -198,6 +207,10 @@ class DSMLoss:
         sq = _reduce((s * score + noise) ** 2, self.reduce)
         if self.weighting == "sigma2":
             return sq, sigma / alpha
+        if self.weighting == "min_snr":
+            # σ² min(1, γ/SNR): the clamp bites at low noise, where SNR = α²/σ² > γ.
+            clamp = torch.clamp(self.min_snr_gamma * sigma**2 / alpha**2, max=1.0)
+            return clamp * sq, sigma / alpha
         _, g = self.sde.sde(x_t, t)
         return w * (g.to(dtype) / sigma) ** 2 * sq, sigma / alpha
 
@@ -245,15 +258,72 @@ class EDMLoss:
         return self.weight(sigma) * _reduce((D - y) ** 2, self.reduce), sigma
 
 
-def build_loss(name: str, sde: SDE | None = None, **kwargs) -> DSMLoss | EDMLoss:
-    """Build a loss by name: 'dsm' (needs `sde`) or 'edm' (SDE-free; `sde` is ignored)."""
+class UncertaintyWeightedLoss(nn.Module):
+    """EDM2's learned uncertainty weighting (Karras et al. 2024, Sec. 5.1 and eq. 21) around a loss:
+        L = loss(σ)/e^{u(σ)} + u(σ),    loss(σ) = λ(σ) ‖D_θ − y‖² of `base` (per sample),
+    with u a small MLP of c_noise = ¼ ln σ̃ (fixed Fourier features → hidden → 1, last layer zero so
+    u = 0 at the start). For each σ the optimum is e^u = E[loss | σ], which makes every noise level's
+    contribution to the gradient about equal; for fixed u the weight 1/e^u is just another positive
+    λ(σ), so the optimal D_θ is unchanged.
+
+    It is an nn.Module: optimise `self.parameters()` jointly with the network (same optimiser), move it
+    with `.to(device)` and checkpoint `state_dict()` beside the network's. The base loss keeps its
+    draws, weighting and reduction; with reduce="sum" u is counted once per data dimension, as EDM2
+    adds it to every element.
+    """
+
+    def __init__(self, base: DSMLoss | EDMLoss, *, channels: int = 64, hidden: int = 64,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(base, (DSMLoss, EDMLoss)):
+            raise ValueError(f"base must be a DSMLoss or EDMLoss, got {type(base).__name__}")
+        for field, v in (("channels", channels), ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{field} must be an int >= 1, got {v!r}")
+        self.base = base
+        g = torch.Generator().manual_seed(seed)
+        # Random Fourier features of c_noise (EDM2's MPFourier): fixed, saved with the state_dict.
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=g))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=g))
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def log_variance(self, sigma: Tensor) -> Tensor:
+        """u(σ̃) [B] for noise levels σ̃ [B]."""
+        c_noise = 0.25 * torch.log(sigma.float())
+        features = math.sqrt(2) * torch.cos(c_noise[:, None] * self.freqs + self.phases)
+        return self.mlp(features).squeeze(1)
+
+    def forward(self, net: Net, x0: Tensor, class_labels: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample weighted loss [B]."""
+        return self.forward_with_noise(net, x0, class_labels, generator)[0]
+
+    def forward_with_noise(self, net: Net, x0: Tensor, class_labels: Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Per-sample loss [B] and noise level σ̃ [B], as the base loss's."""
+        loss, sigma = self.base.forward_with_noise(net, x0, class_labels, generator)
+        u = self.log_variance(sigma).to(loss.dtype)
+        dims = x0[0].numel() if self.base.reduce == "sum" else 1
+        return loss / torch.exp(u) + dims * u, sigma
+
+
+def build_loss(name: str, sde: SDE | None = None, *, learned_uncertainty: bool = False,
+               **kwargs) -> DSMLoss | EDMLoss | UncertaintyWeightedLoss:
+    """Build a loss by name: 'dsm' (needs `sde`) or 'edm' (SDE-free; `sde` is ignored).
+    learned_uncertainty=True wraps it in EDM2's `UncertaintyWeightedLoss` (an nn.Module to optimise)."""
     _check_choice("loss name", name, LOSSES)
+    if not isinstance(learned_uncertainty, bool):
+        raise ValueError(f"learned_uncertainty must be a bool, got {learned_uncertainty!r}")
     if name == "dsm":
         if sde is None:
             raise ValueError("loss 'dsm' needs an sde (got sde=None); 'edm' is the SDE-free loss")
-        return DSMLoss(sde, **kwargs)
-    return EDMLoss(**kwargs)
+        loss: DSMLoss | EDMLoss = DSMLoss(sde, **kwargs)
+    else:
+        loss = EDMLoss(**kwargs)
+    return UncertaintyWeightedLoss(loss) if learned_uncertainty else loss
 
 
-__all__ = ["LOSSES", "PARAMETERIZATIONS", "REDUCTIONS", "WEIGHTINGS", "DSMLoss", "EDMLoss", "build_loss",
-           "drop_labels"]
+__all__ = ["LOSSES", "PARAMETERIZATIONS", "REDUCTIONS", "WEIGHTINGS", "DSMLoss", "EDMLoss",
+           "UncertaintyWeightedLoss", "build_loss", "drop_labels"]

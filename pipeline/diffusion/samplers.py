@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import multistep
 from .chain import DDPMChain
+from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 from .respace import SPACINGS, check_chain_options, draw_noise, sample_chain_ancestral, sample_chain_ddim
 from .schedules import time_grid
 from .sde import SDE, VESDE, ScoreFn, expand_like
@@ -411,8 +413,16 @@ _METHODS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
     "ode": (sample_ode, {"denoise": False, "solver": "dopri5", "rtol": 1e-5, "atol": 1e-5}),
     "heun": (sample_heun, {"denoise": False, "rho": 7.0, "S_churn": 0.0, "S_tmin": 0.0,
                            "S_tmax": float("inf"), "S_noise": 1.0}),
+    # Fast multistep solvers in log-SNR form (multistep.py).
+    "dpmpp_2m": (sample_dpmpp_2m, {"denoise": False, "grid": "logsnr", "rho": 7.0,
+                                   "lower_order_final": True}),
+    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, {"denoise": False, "grid": "logsnr", "rho": 7.0, "eta": 1.0,
+                                           "lower_order_final": True}),
+    "unipc": (sample_unipc, {"denoise": False, "grid": "logsnr", "rho": 7.0, "order": 3, "variant": "bh2",
+                             "corrector": True, "lower_order_final": True}),
 }
 METHODS: tuple[str, ...] = tuple(_METHODS)
+MULTISTEP_METHODS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 
 def allowed_options(method: str) -> dict[str, Any]:
@@ -457,7 +467,8 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
     if "variance" in opts:
         _require(opts["variance"] in VARIANCES, "variance", opts["variance"], f"one of {VARIANCES}")
     if "grid" in opts:
-        _require(opts["grid"] in GRIDS, "grid", opts["grid"], f"one of {GRIDS}")
+        grids = multistep.MULTISTEP_GRIDS if method in MULTISTEP_METHODS else GRIDS
+        _require(opts["grid"] in grids, "grid", opts["grid"], f"one of {grids}")
     if "spacing" in opts:
         _check_spacing(sde, steps, opts)
     if "eta" in opts:
@@ -482,17 +493,29 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
         _require(opts["solver"] in solvers, "solver", opts["solver"], f"one of {solvers}")
         for key in ("rtol", "atol"):
             _require(isinstance(opts[key], num) and opts[key] > 0, key, opts[key], "> 0")
-    if method == "heun":
+    if method in MULTISTEP_METHODS:
+        for key in ("lower_order_final", "corrector"):
+            if key in opts:
+                _require(isinstance(opts[key], bool), key, opts[key], "a bool")
+        if method == "unipc":
+            _require(opts["order"] in (1, 2, 3) and not isinstance(opts["order"], bool), "order",
+                     opts["order"], "1, 2 or 3")
+            _require(opts["variant"] in multistep.UNIPC_VARIANTS, "variant", opts["variant"],
+                     f"one of {multistep.UNIPC_VARIANTS}")
+    if method == "heun" or method in MULTISTEP_METHODS:
         _require(isinstance(opts["rho"], num) and opts["rho"] > 0, "rho", opts["rho"], "> 0")
+    if method == "heun":
         for key in ("S_churn", "S_tmin", "S_tmax", "S_noise"):
             _require(isinstance(opts[key], num) and opts[key] >= 0, key, opts[key], ">= 0")
 
 
-def _draws_noise(method: str, opts: dict[str, Any]) -> bool:
-    """Whether `method` with these options makes any in-trajectory normal draw."""
-    if method == "ode":
+def draws_noise(method: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether `method` with these options (defaults filled in) makes any in-trajectory normal draw: a
+    sampler that makes none is deterministic given x_T."""
+    opts = {**allowed_options(method), **(options or {})}
+    if method in ("ode", "dpmpp_2m", "unipc"):
         return False
-    if method == "ddim":
+    if method in ("ddim", "dpmpp_2m_sde"):
         return opts["eta"] > 0
     if method == "heun":
         return opts["S_churn"] > 0
@@ -538,7 +561,7 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
         raise ValueError(f"noise must be None or a callable randn_like(x), got {noise!r}")
     opts = {**allowed, **options}
     check_options(method, sde, steps, opts)
-    if seed is None and (x_T is None or (noise is None and _draws_noise(method, opts))):
+    if seed is None and (x_T is None or (noise is None and draws_noise(method, opts))):
         raise ValueError("seed must be an int unless x_T is given and either noise is given or "
                          f"{method!r} with these options draws no noise")
 
@@ -559,8 +582,8 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
 
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "NoiseFn", "ScoreCounter", "allowed_options",
-    "check_options", "per_sample_noise", "per_sample_prior", "sample", "sample_ancestral",
-    "sample_annealed_langevin", "sample_ddim", "sample_euler_maruyama",
-    "sample_heun", "sample_ode", "sample_pc",
+    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "MULTISTEP_METHODS", "NoiseFn", "ScoreCounter",
+    "allowed_options", "check_options", "draws_noise", "per_sample_noise", "per_sample_prior", "sample",
+    "sample_ancestral", "sample_annealed_langevin", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
+    "sample_euler_maruyama", "sample_heun", "sample_ode", "sample_pc", "sample_unipc",
 ]

@@ -76,9 +76,7 @@ class SamplingPlan:
     @property
     def deterministic(self) -> bool:
         """True when a sample depends on its own x_T only (no noise drawn along the trajectory)."""
-        o = {**core.allowed_options(self.method), **self.options}
-        return (self.method == "ode" or (self.method == "heun" and o["S_churn"] == 0)
-                or (self.method == "ddim" and o["eta"] == 0))
+        return not core.draws_noise(self.method, self.options)
 
     def num_blocks(self) -> int:
         return -(-self.n // self.batch_size)
