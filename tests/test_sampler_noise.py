@@ -26,8 +26,9 @@ SMALL = {
     "ancestral": (12, {}), "ddim": (12, {"eta": 0.7}), "euler_maruyama": (12, {}),
     "pc": (25, {"snr_norm": "sample"}), "annealed_langevin": (4, {"n_steps_each": 3, "step_lr": 1e-5}),
     "ode": (4, {"solver": "rk4"}), "heun": (8, {"S_churn": 3.0}),
+    "dpmpp_2m": (6, {}), "dpmpp_2m_sde": (6, {"eta": 1.0}), "unipc": (6, {}),
 }
-STOCHASTIC = ("ancestral", "ddim", "euler_maruyama", "pc", "annealed_langevin", "heun")
+STOCHASTIC = ("ancestral", "ddim", "euler_maruyama", "pc", "annealed_langevin", "heun", "dpmpp_2m_sde")
 
 
 def _sde(method: str):
