@@ -24,6 +24,7 @@ from .tasks import (
     guidance_task,
     likelihood_task,
     sample_task,
+    schedule_search_task,
     shard_task,
     summary_task,
     train_task,
@@ -79,6 +80,17 @@ def tune_flow(checkpoint: str, data: str, classifier: str, out: str, weights: li
     The schedule search retrains per trial: `diffusion-pipeline tune schedules`."""
     weights = list(GUIDANCE_WEIGHTS) if weights is None else weights
     return guidance_task(checkpoint, data, classifier, out, weights, steps, n, seed)
+
+
+@flow(name="schedule-search")
+def schedule_search_flow(data: str, out: str, space: dict[str, Any], preset: str = "tiny-digits",
+                         steps: int = 500, batch_size: int = 128, seed: int = 0,
+                         options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ray Tune search over noise processes and loss weightings (ASHA over Ray Train trials) on the
+    preset's recipe; `options` are `tuning.search.ScheduleSearch` fields (metric, evaluations, ...).
+    A rerun on the same `out` restores the search instead of starting over."""
+    base = train_recipe(preset, steps=steps, batch_size=batch_size, seed=seed)
+    return schedule_search_task(space, base.to_dict(), data, out, options or {})
 
 
 @flow(name="diffusion-pipeline", log_prints=True)

@@ -137,6 +137,13 @@ def guidance_task(checkpoint: str, data: str, classifier: str, out: str, weights
     return res
 
 
+@task(name="schedule-search", **RETRY)
+def schedule_search_task(space: dict[str, Any], base: dict[str, Any], data: str, out: str,
+                         options: dict[str, Any]) -> dict[str, Any]:
+    res = stages.schedule_search_stage(space, base, data, out, **options)
+    return publish(res, "schedule-search", "noise schedules and weightings: report, Pareto, learning curves")
+
+
 @task(name="report")
 def summary_task(summary: dict[str, Any]) -> dict[str, Any]:
     return publish(stages.summary_stage(summary), "pipeline-report", "the run at a glance")

@@ -208,6 +208,29 @@ def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
     return out_res
 
 
+def schedule_search_stage(space: dict[str, Any] | str, base: TrainConfig | dict[str, Any], data: str,
+                          out: str, **options: Any) -> dict[str, Any]:
+    """Ray Tune schedule search (`tuning.schedules`), or the restore of one under `out`; its markdown
+    embeds the FID-versus-bits/dim Pareto plot and the trials' learning curves."""
+    from .tuning.schedules import restore_schedules, search_schedules
+    from .tuning.store import SEARCH_FILE
+
+    if storage.exists(storage.join(out, SEARCH_FILE)):
+        res = restore_schedules(out)
+    else:
+        cfg = base if isinstance(base, TrainConfig) else TrainConfig.from_dict(base)
+        res = search_schedules(space, base=cfg, data=data, out=out, **options)
+    # report.md links the PNGs beside it; the UI needs them inline.
+    lines = storage.read_bytes(res.report["markdown"]).decode().splitlines()
+    markdown = "\n".join(line for line in lines if not line.startswith("!["))
+    for key, alt in (("pareto", "FID versus bits/dim"), ("learning_curves", f"{res.metric} by trial")):
+        if key in res.report:
+            png = storage.read_bytes(res.report[key])
+            markdown += "\n\n" + reports.embed_png(png, alt, link=res.report[key])
+    return {"best": res.best, "complete": res.complete, "report": res.report, "metric": res.metric,
+            "markdown": markdown}
+
+
 def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
     """The run's report.md and summary.json under its root (stage results without their markdown), with
     the quality gates' verdicts (`gates.py`)."""
@@ -217,11 +240,13 @@ def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
     clean = _without_markdown(summary)
     verdicts = gates.judge(clean, levels=(clean.get("data") or {}).get("levels"))
     clean["verdicts"] = gates.as_dicts(verdicts)
-    markdown = reports.run_markdown(clean) + "\n" + gates.markdown(verdicts)
+    text = reports.run_markdown(clean) + "\n" + gates.markdown(verdicts)
+    markdown = text
     grid = ((clean.get("evaluate") or {}).get("samples") or {}).get("grid")
-    if grid and storage.exists(grid):
+    if grid and storage.exists(grid):  # the UI shows it inline; report.md (read in a terminal) links it
         markdown += "\n" + reports.embed_png(storage.read_bytes(grid), "samples", link=grid) + "\n"
-    storage.write_bytes(layout.report, markdown.encode())
+        text += f"\n![samples]({grid})\n"
+    storage.write_bytes(layout.report, text.encode())
     storage.write_json(layout.summary, clean)
     return {"report": layout.report, "markdown": markdown, "summary": clean}
 
@@ -233,4 +258,5 @@ def _without_markdown(v: Any) -> Any:
 
 
 __all__ = ["EXTRACTORS", "classifier_stage", "fid_stage", "guidance_stage", "likelihood_stage",
-           "manifest_sha256", "sample_stage", "shard_stage", "summary_stage", "train_stage"]
+           "manifest_sha256", "sample_stage", "schedule_search_stage", "shard_stage", "summary_stage",
+           "train_stage"]

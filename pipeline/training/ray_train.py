@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .. import raykit, storage
 from ..config import RunOptions, TrainConfig
+from ..layout import RunLayout
 from .checkpoint import (
     EMA_EXPORT,
     export_ema,
@@ -46,7 +47,6 @@ from .progress import write_progress
 
 log = logging.getLogger(__name__)
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-HISTORY = "history.json"
 POINTER = "checkpoint.json"
 
 # batches_factory(rank=, world_size=, batch_size=, seed=, device=) -> batches(epoch) -> (x, labels)...
@@ -132,7 +132,7 @@ def train(config: TrainConfig, *, data: str | None, out: str, options: RunOption
         t0 = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - t0
-    history_uri = storage.join(out, HISTORY)
+    history_uri = RunLayout.history(out)
     history = storage.read_json(history_uri) if storage.exists(history_uri) else []
     final = list_checkpoints(out)
     return TrainResult(step=final[-1][0] if final else 0, metrics=dict(result.metrics or {}),
@@ -315,7 +315,7 @@ def _resume(trainer: Trainer, job: _Job, rank: int, world: int, distributed: boo
         trainer.generator.manual_seed(trainer.config.seed * 1000 + rank + 7919 * step)
     if rank == 0:
         _say(f"[train] resumed from {uri[0]} at step {step}")
-    history_uri = storage.join(job.out, HISTORY)
+    history_uri = RunLayout.history(job.out)
     if rank == 0 and storage.exists(history_uri):
         return [h for h in storage.read_json(history_uri) if h.get("step", 0) <= step]
     return []
@@ -382,7 +382,7 @@ class _Reporter:
         state = trainer.state_dict()
         state["ranks"] = ranks
         uri = save_checkpoint(self.job.out, state, keep_last=self.job.options.keep_last)
-        storage.write_json(storage.join(self.job.out, HISTORY), self.history)
+        storage.write_json(RunLayout.history(self.job.out), self.history)
         metrics = {**metrics, "checkpoint": uri}
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, POINTER), "w") as f:

@@ -254,7 +254,8 @@ def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
                 "steps": int(trial.config["steps"]),
                 "w": float(trial.config["w"]),
                 "status": str(trial.status),
-                **{k: m.get(k) for k in ("fid", "precision", "nfe", "n", "samples")},
+                **{k: m.get(k) for k in ("fid", "precision", "nfe", "n", "samples", "floor", "floor_min",
+                                         "floor_max")},
                 "trial_id": trial.trial_id,
             }
         )

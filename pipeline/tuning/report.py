@@ -164,6 +164,24 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def plot_learning_curves(search: Any, rows: Sequence[dict[str, Any]], uri: str) -> str | None:
+    """The search's metric against step for every trial (from each trial's Train history)."""
+    from ..layout import RunLayout
+    from ..plots import learning_curves
+    from .store import trial_uri
+
+    curves = {}
+    for r in rows:
+        h_uri = RunLayout.history(trial_uri(search.out, r["trial_id"]))
+        if storage.exists(h_uri):
+            hist = storage.read_json(h_uri)
+            curves[f"{r['sde']}/{r['weighting']}"] = [(h["step"], h.get(search.metric)) for h in hist]
+    if not any(curves.values()):
+        return None
+    storage.write_bytes(uri, learning_curves(curves, search.metric))
+    return uri
+
+
 def plot_fid_vs_w(rows: Sequence[dict[str, Any]], uri: str) -> str:
     """FID (left axis) and classifier precision (right axis) versus w, one line per sampler and NFE."""
     plt = pyplot()
@@ -203,6 +221,9 @@ def write_schedule_report(
     pareto = plot_pareto(rows, storage.join(out, "pareto.png"))
     if pareto:
         uris["pareto"] = pareto
+    curves = plot_learning_curves(search, rows, storage.join(out, "learning_curves.png"))
+    if curves:
+        uris["learning_curves"] = curves
     stopped = sum(r["stopped_early"] for r in rows)
     grace = search.grace_period or search.report_every
     parts = [
@@ -229,6 +250,8 @@ def write_schedule_report(
         ]
     if pareto:
         parts.append("![FID versus bits/dim](pareto.png)\n")
+    if curves:
+        parts.append(f"![{search.metric} by trial](learning_curves.png)\n")
     storage.write_bytes(uris["markdown"], "\n".join(parts).encode())
     storage.write_json(
         uris["json"], {"search": search.to_dict(), "rows": rows, "best": best, "complete": complete}
@@ -273,6 +296,7 @@ __all__ = [
     "markdown_table",
     "pareto_front",
     "plot_fid_vs_w",
+    "plot_learning_curves",
     "plot_pareto",
     "schedule_rows",
     "write_guidance_report",
