@@ -69,7 +69,7 @@ def train_stage(config: TrainConfig | dict[str, Any], data: str, out: str, *,
             result = train(cfg, data=data, out=out, options=options.replace(resume=bool(done)))
         res = {"ema": result.ema, "checkpoint": result.checkpoint, "step": result.step, "skipped": False,
                "metrics": result.history[-1] if result.history else result.metrics,
-               "seconds": result.seconds, "ray_path": result.ray_path}
+               "seconds": result.seconds, "ray_path": storage.join(out, "ray")}
     m = res.get("metrics") or {}
     rows = [("preset", cfg.preset), ("loss", cfg.loss), ("sde", cfg.sde), ("step", res["step"]),
             ("workers × GPUs", f"{options.workers} × {options.gpus_per_worker:g}")]

@@ -79,12 +79,69 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     assert sorted(r["w"] for r in tune["rows"]) == [0.0, 2.0] and tune["complete"]
     assert tune["best"]["w"] in (0.0, 2.0)
 
+    _assert_image_artifacts(state.state_details.flow_run_id, root)
+
     # The second run answers sharding from Prefect's cache (and training from its finished checkpoint).
     state2 = diffusion_pipeline(**kwargs, return_state=True)
     assert state2.is_completed()
     shard_runs = _task_runs(name_prefix="shard")
     assert [r.state.name for r in shard_runs[-2:]] == ["Completed", "Cached"]
     assert state2.result()["train"]["skipped"] is True
+
+
+def _artifacts(flow_run_id) -> list:
+    """Every artifact of the flow run and of its subflows' and tasks' runs, read through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = [flow_run_id] + [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))]
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs)), limit=200)
+        # Artifacts created by tasks of subflows (tasks whose parent is the subflow run) as well.
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=runs)),
+                                          limit=200)
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId
+
+        arts += client.read_artifacts(artifact_filter=ArtifactFilter(
+            task_run_id=ArtifactFilterTaskRunId(any_=[t.id for t in task_runs])), limit=200)
+    return list({a.id: a for a in arts}.values())
+
+
+def _assert_image_artifacts(flow_run_id, root) -> None:
+    """Every picture the run made is a markdown artifact whose image is an embedded PNG that decodes,
+    small enough for the page, the size of the full-size object it links to."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    arts = _artifacts(flow_run_id)
+    by_key = {a.key: a for a in arts if a.key}
+    images = {}
+    for a in arts:
+        if a.type != "markdown" or not isinstance(a.data, str):
+            continue
+        for alt, b64 in re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", a.data):
+            png = base64.b64decode(b64)
+            assert len(png) <= 200_000, (a.key, alt, len(png))
+            img = Image.open(io.BytesIO(png))
+            img.load()  # decodes, or raises
+            link = re.search(r"Full size[^`]*`([^`]+)`", a.data.split(b64, 1)[1])
+            assert link, (a.key, alt)
+            full = Image.open(io.BytesIO(storage.read_bytes(link.group(1))))
+            assert img.size == full.size, (a.key, alt, img.size, full.size)
+            images[(a.key, alt)] = img.size
+    keys = {k for k, _ in images}
+    for key in ("training", "samples", "fid", "guidance-sweep", "pipeline-report"):
+        assert key in keys, (key, sorted(keys))
+    assert "training-progress" in by_key and by_key["training-progress"].data == 100.0
+    assert "training-live" in by_key  # the live metrics table at the last report
+    import re as _re
+
+    bad = [a.key for a in arts if a.type == "markdown" and _re.search(r"!\[[^\]]*\]\(file://", a.data or "")]
+    assert not bad, bad
 
 
 def test_transient_storage_error_is_retried(harness, tmp_path, monkeypatch):
