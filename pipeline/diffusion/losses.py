@@ -19,7 +19,7 @@ from torch import Tensor
 from .param import NOISE_LABELS, Net, edm_denoise, log_normal_sigma, noise_label, output_to_score
 from .sde import SDE, expand_like
 
-LOSSES: tuple[str, ...] = ("dsm", "edm")
+LOSSES: tuple[str, ...] = ("dsm", "edm", "ism", "ssm", "ssm-vr")  # the last three: score_matching.py
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score")
 WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
@@ -248,6 +248,9 @@ class EDMLoss:
 def build_loss(name: str, sde: SDE | None = None, **kwargs) -> DSMLoss | EDMLoss:
     """Build a loss by name: 'dsm' (needs `sde`) or 'edm' (SDE-free; `sde` is ignored)."""
     _check_choice("loss name", name, LOSSES)
+    if name in ("ism", "ssm", "ssm-vr"):  # imported here: score_matching.py imports this module
+        from .score_matching import build_score_matching_loss
+        return build_score_matching_loss(name, sde, **kwargs)
     if name == "dsm":
         if sde is None:
             raise ValueError("loss 'dsm' needs an sde (got sde=None); 'edm' is the SDE-free loss")
