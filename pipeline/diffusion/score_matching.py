@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .likelihood import PROBES, draw_probes
 from .losses import _check_batch, _check_choice, _check_dropout, _compute_dtype, drop_labels
@@ -145,7 +146,8 @@ class ScoreMatchingLoss:
         if labels is not None and self.label_dropout > 0:
             labels = drop_labels(labels, self.label_dropout, self.null_label, generator)
         alpha, sigma = self.sde.marginal_coeffs(t)
-        with torch.enable_grad():
+        # Fused attention kernels (flash / memory-efficient) have no double backward; the math kernel does.
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             x_t = (expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * noise).requires_grad_(True)
             out = net(x_t, noise_label(self.sde, t, self.noise_label_kind), labels).to(dtype)
             s = output_to_score(out, x_t, alpha, sigma, self.parameterization)
