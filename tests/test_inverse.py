@@ -91,11 +91,11 @@ def test_measurement_operators_are_orthogonal_transforms_with_A_At_equal_c_I():
 def test_replacement_reproduces_the_posterior_when_measured_and_unmeasured_parts_are_independent(name):
     # Prior N(μ, I) is isotropic, so in u = Q x the known and unknown coordinates are independent: there
     # the replacement method is exact (module docstring), and its samples must match N(m, S).
+    # One measurement y [1, ...] serves the whole batch.
     op = OPERATORS[name]()
     y, m, S = _posterior(op, 0.0)
     sde = VPSDE()
-    x, nfe = sample_replacement(GAUSS.score_fn(sde), sde, op, y.expand(N, *y.shape[1:]).float(), (N, *IMG),
-                                steps=500, seed=1)
+    x, nfe = sample_replacement(GAUSS.score_fn(sde), sde, op, y.float(), (N, *IMG), steps=500, seed=1)
     assert nfe == 1000 and x.shape == (N, *IMG)
     torch.testing.assert_close(op.measure(x.double()), y.expand(N, *y.shape[1:]), atol=1e-6, rtol=0)
     _assert_matches(x, m, S)
@@ -167,6 +167,8 @@ def test_pigdm_reproduces_the_posterior_of_a_noisy_measurement(name):
                                   (2, 3, 4, 4), sigma_y=-1.0, steps=5, seed=0), r"sigma_y.*>= 0.*-1.0"),
         (lambda: sample_replacement(None, VPSDE(), Colorization(), torch.zeros(2, 1, 4, 4), (2, 3, 4, 4),
                                     steps=5, seed=0, snr=0.0), r"snr.*> 0"),
+        (lambda: sample_replacement(None, VPSDE(), Colorization(), torch.zeros(2, 1, 4, 4), (2, 3, 4, 4),
+                                    steps=0, seed=0), r"steps.*>= 1.*0"),
     ],
 )
 def test_bad_input_raises_before_sampling(call, match):

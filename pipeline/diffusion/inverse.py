@@ -206,9 +206,9 @@ def _check_measurement(op: Measurement, y: Tensor, shape: tuple[int, ...]) -> tu
                          f"got {type(op).__name__}")
     op.check(shape)
     expected = tuple(op.measure(torch.zeros(shape, dtype=y.dtype)).shape)
-    if tuple(y.shape) != expected:
+    if tuple(y.shape) not in (expected, (1, *expected[1:])):
         raise ValueError(f"y has shape {tuple(y.shape)}; {type(op).__name__} of images {shape} measures "
-                         f"shape {expected}")
+                         f"shape {expected} (or {(1, *expected[1:])}, one measurement for the whole batch)")
     if not torch.isfinite(y).all():
         raise ValueError("y contains NaN or inf values")
     return shape
@@ -231,6 +231,10 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
     exactly on the measured coordinates. Biased unless the unknown and known parts of Q x are independent
     (module docstring)."""
     shape = _check_measurement(op, y, shape)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     check_options("pc", sde, steps, {"dtype": dtype, "eps": eps, "callback": None, "snr": snr,
                                      "n_corrector": n_corrector})
     device = torch.device(device) if device is not None else torch.device("cpu")
