@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .param import NOISE_LABELS, Net, edm_denoise, log_normal_sigma, noise_label, output_to_score
 from .sde import SDE, expand_like
 
-LOSSES: tuple[str, ...] = ("dsm", "edm")
+LOSSES: tuple[str, ...] = ("dsm", "edm", "ism", "ssm", "ssm-vr")  # the last three: score_matching.py
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score")
 WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood", "min_snr")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
@@ -316,6 +316,12 @@ def build_loss(name: str, sde: SDE | None = None, *, learned_uncertainty: bool =
     _check_choice("loss name", name, LOSSES)
     if not isinstance(learned_uncertainty, bool):
         raise ValueError(f"learned_uncertainty must be a bool, got {learned_uncertainty!r}")
+    if name in ("ism", "ssm", "ssm-vr"):  # imported here: score_matching.py imports this module
+        if learned_uncertainty:
+            raise ValueError(f"learned_uncertainty applies to 'dsm' and 'edm', not {name!r}")
+        from .score_matching import build_score_matching_loss
+
+        return build_score_matching_loss(name, sde, **kwargs)
     if name == "dsm":
         if sde is None:
             raise ValueError("loss 'dsm' needs an sde (got sde=None); 'edm' is the SDE-free loss")
