@@ -178,6 +178,11 @@ class DDPMChain(SDE):
     def _time_index(self, t: Tensor) -> Tensor:
         return (self._grid_position(t) - 1).round().long().clamp(0, self.N - 1)
 
+    @classmethod
+    def from_schedule(cls, schedule: DDPMSchedule) -> DDPMChain:
+        """A `DDPMSchedule`'s chain as a process of its own, ᾱ exact at every timestep."""
+        return cls("custom", betas=schedule.betas)
+
     def ddpm_schedule(self) -> DDPMSchedule:
         """The same chain as a `DDPMSchedule` (posterior coefficients for the discrete VLB)."""
         return DDPMSchedule(self.betas, kind=self.schedule)

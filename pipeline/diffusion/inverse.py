@@ -34,7 +34,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .samplers import ScoreCounter, _langevin_alpha, _noise, _vec, _with_chain_length, check_options, sample
+from .samplers import (
+    ScoreCounter,
+    _langevin_alpha,
+    _noise,
+    _vec,
+    _with_chain_length,
+    allowed_options,
+    check_options,
+    sample,
+)
 from .schedules import time_grid
 from .sde import SDE, ScoreFn, expand_like
 
@@ -235,7 +244,7 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
-    check_options("pc", sde, steps, {"dtype": dtype, "eps": eps, "callback": None, "snr": snr,
+    check_options("pc", sde, steps, {**allowed_options("pc"), "dtype": dtype, "eps": eps, "snr": snr,
                                      "n_corrector": n_corrector})
     device = torch.device(device) if device is not None else torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(seed)

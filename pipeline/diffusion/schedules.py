@@ -5,7 +5,7 @@ the linear chain β_i ∈ [1e-4, 0.02] tends to `VPSDE(beta_min=0.1, beta_max=20
 cosine chain of Nichol & Dhariwal 2021 to `CosineVPSDE`; `DDPMSchedule.vp_sde()` returns that limit,
 observed at t_i = (i+1)/N (`continuous_time`). It is not the chain: at N = 1000 the linear chain's
 log ᾱ differs from VPSDE(0.1, 20)'s by up to 6.8%. The chain itself, exact at its timesteps and with
-integer labels, is `chain.DDPMChain` (`DDPMSchedule.exact_chain()`).
+integer labels, is `chain.DDPMChain` (`DDPMChain.from_schedule(schedule)`).
 """
 
 from __future__ import annotations
@@ -102,14 +102,8 @@ class DDPMSchedule:
         """Inverse of `continuous_time`, rounded to the nearest step."""
         return (t.double() * self.N - 1).round().long().clamp(0, self.N - 1)
 
-    def exact_chain(self) -> SDE:
-        """This chain as a process of its own (`chain.DDPMChain`), ᾱ exact at every timestep."""
-        from .chain import DDPMChain  # chain.py builds on this module
-
-        return DDPMChain("custom", betas=self.betas)
-
     def vp_sde(self) -> SDE:
-        """The continuous VP process this chain tends to (its limit, not the chain; see `exact_chain`)."""
+        """The continuous VP process this chain tends to (its limit, not the chain: see chain.DDPMChain)."""
         if self.kind == "linear":
             N = self.N
             return VPSDE(beta_min=self.params["beta_start"] * N, beta_max=self.params["beta_end"] * N, N=N)

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .likelihood import PROBES, draw_probes
-from .losses import _check_batch, _check_choice, _check_dropout, _compute_dtype, drop_labels
+from .losses import LOSS_BUILDERS, _check_batch, _check_choice, _check_dropout, _compute_dtype, drop_labels
 from .param import NOISE_LABELS, Net, noise_label, output_to_score
 from .sde import SDE, expand_like
 
@@ -171,6 +171,8 @@ def build_score_matching_loss(name: str, sde: SDE | None = None, **kwargs) -> Sc
         raise ValueError(f"loss {name!r} needs an sde (got sde=None) for its noise levels")
     return ScoreMatchingLoss(sde, name, **kwargs)
 
+
+LOSS_BUILDERS.update(dict.fromkeys(SCORE_MATCHING_LOSSES, build_score_matching_loss))
 
 __all__ = ["ISM_MAX_DIM", "SCORE_MATCHING_LOSSES", "SM_PARAMETERIZATIONS", "ScoreMatchingLoss",
            "build_score_matching_loss"]

@@ -317,15 +317,9 @@ SDES: dict[str, type[SDE]] = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "cosi
 def build_sde(name: str, **kwargs) -> SDE:
     """Build an SDE by name: 'vp', 'subvp', 've', 'cosine-vp', or 'ddpm-chain' (the exact discrete chain
     of `chain.DDPMChain`, e.g. build_sde("ddpm-chain", schedule="linear", N=1000))."""
-    _register_chain()
     if name not in SDES:
         raise ValueError(f"sde name must be one of {sorted(SDES)}, got {name!r}")
     return SDES[name](**kwargs)
 
 
-def _register_chain() -> None:
-    # chain.py builds on SDE above, so it is imported on first use rather than at the top (no cycle).
-    if "ddpm-chain" not in SDES:
-        from .chain import DDPMChain
 
-        SDES["ddpm-chain"] = DDPMChain
