@@ -17,6 +17,7 @@ demo: venv
 	$(PY) -m pipeline.cli run --server local --require-gates $(DEMO_ARGS)
 
 test: venv
+	@bash scripts/setup-browser.sh
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -44,7 +44,8 @@ def ensure_local_server(host: str = LOCAL_HOST, port: int = LOCAL_PORT,
     if not api_healthy(api):
         log = Path(log)
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        # The UI asks the API at PREFECT_UI_API_URL (default :4200): on another port it must be told.
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api}
         env.pop("PREFECT_API_URL", None)
         with open(log, "ab") as fh:
             cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]

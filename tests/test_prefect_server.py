@@ -81,3 +81,50 @@ def test_unreachable_ray_address_names_the_setting(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{_free_port()}")
     with pytest.raises(ValueError, match=r"RAY_ADDRESS=.*unreachable"):
         check_address()
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) is not installed")
+def test_an_embedded_picture_renders_in_the_prefect_ui(prefect_server, tmp_path):
+    """A markdown artifact made by `reports.embed_png`, as every stage makes its pictures, rendered by the
+    real Prefect UI in headless Chromium: the image region is drawn, not a broken-image icon."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ui, api = prefect_server
+    tile = np.zeros((120, 120, 3), np.uint8)
+    tile[:, :] = (255, 0, 255)  # magenta: a colour the UI itself never paints
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="PNG")
+    (tmp_path / "tile.png").write_bytes(buf.getvalue())
+    code = (
+        "from prefect import flow\n"
+        "from prefect.artifacts import create_markdown_artifact\n"
+        "from pipeline.reports import embed_png\n"
+        "@flow\n"
+        "def show():\n"
+        f"    png = open({str(tmp_path / 'tile.png')!r}, 'rb').read()\n"
+        f"    md = embed_png(png, 'tile', link={str(tmp_path / 'tile.png')!r})\n"
+        "    return str(create_markdown_artifact(md, key='embedded-picture'))\n"
+        "print('ARTIFACT', show())\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": api}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    artifact_id = done.stdout.split("ARTIFACT", 1)[1].split()[0]
+
+    shot = tmp_path / "shot.png"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000",
+           "--virtual-time-budget=20000", f"--screenshot={shot}",
+           f"{ui.rstrip('/')}/artifacts/artifact/{artifact_id}"]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.exists(), "Chromium wrote no screenshot"
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    magenta = ((px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] > 200)).sum()
+    assert magenta > 0.5 * 120 * 120, f"the embedded picture is not on the page ({magenta} magenta pixels)"
