@@ -231,6 +231,29 @@ def schedule_search_stage(space: dict[str, Any] | str, base: TrainConfig | dict[
             "markdown": markdown}
 
 
+def interpolation_stage(checkpoint: str, data: str, out: str, *, pairs: int = 4,
+                        n: int = 8) -> dict[str, Any]:
+    """Latent interpolation through the PF-ODE: grid PNG (embedded in the markdown) and round-trip error."""
+    from .evaluation.interpolation import InterpolationPlan, interpolation_markdown, run_interpolation
+
+    res = run_interpolation(checkpoint, data, out, InterpolationPlan(pairs=pairs, n=n))
+    markdown = interpolation_markdown(res)
+    return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
+
+
+def inverse_stage(checkpoint: str, data: str, out: str, *, task: str = "inpaint-right",
+                  method: str = "replacement", n: int = 200, steps: int = 500,
+                  classifier: str | None = None) -> dict[str, Any]:
+    """An inverse problem solved with the unconditional model, scored by PSNR/SSIM (and, with the domain
+    classifier, class accuracy and FID of the completions)."""
+    from .evaluation.inverse_problems import InverseTask, inverse_markdown, run_inverse
+
+    res = run_inverse(checkpoint, data, out, InverseTask(task=task, method=method, n=n, steps=steps),
+                      classifier=classifier)
+    markdown = inverse_markdown(res)
+    return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
+
+
 def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
     """The run's report.md and summary.json under its root (stage results without their markdown), with
     the quality gates' verdicts (`gates.py`)."""
@@ -257,6 +280,18 @@ def _without_markdown(v: Any) -> Any:
     return v
 
 
-__all__ = ["EXTRACTORS", "classifier_stage", "fid_stage", "guidance_stage", "likelihood_stage",
-           "manifest_sha256", "sample_stage", "schedule_search_stage", "shard_stage", "summary_stage",
-           "train_stage"]
+__all__ = [
+    "EXTRACTORS",
+    "classifier_stage",
+    "fid_stage",
+    "guidance_stage",
+    "interpolation_stage",
+    "inverse_stage",
+    "likelihood_stage",
+    "manifest_sha256",
+    "sample_stage",
+    "schedule_search_stage",
+    "shard_stage",
+    "summary_stage",
+    "train_stage",
+]

@@ -1,0 +1,40 @@
+"""Optional flows beside the end-to-end DAG, on a trained checkpoint: latent interpolation through the
+probability-flow ODE, and inverse problems (inpainting, colourisation, super-resolution) solved with the
+unconditional model. Each is one stage call whose picture is embedded in the Prefect UI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from pipeline import stages
+
+from .tasks import RETRY, publish
+
+
+@task(name="interpolation", **RETRY)
+def interpolation_task(checkpoint: str, data: str, out: str, pairs: int, n: int) -> dict[str, Any]:
+    return publish(stages.interpolation_stage(checkpoint, data, out, pairs=pairs, n=n), "interpolation",
+                   "latent interpolation through the probability-flow ODE")
+
+
+@task(name="inverse-problem", **RETRY)
+def inverse_task(checkpoint: str, data: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+    return publish(stages.inverse_stage(checkpoint, data, out, **options), "inverse-problem",
+                   "inverse problem with the unconditional model")
+
+
+@flow(name="interpolation")
+def interpolation_flow(checkpoint: str, data: str, out: str, pairs: int = 4, n: int = 8) -> dict[str, Any]:
+    """Encode pairs of held-out images to x_T, decode spherical interpolations between them."""
+    return interpolation_task(checkpoint, data, out, pairs, n)
+
+
+@flow(name="inverse-problem")
+def inverse_flow(checkpoint: str, data: str, out: str, task: str = "inpaint-right",
+                 method: str = "replacement", n: int = 200, steps: int = 500, classifier: str | None = None) -> dict[str, Any]:
+    """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
+    completions when the domain classifier is given."""
+    return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,
+                                               "classifier": classifier})

@@ -1,0 +1,176 @@
+"""Inverse problems with a model trained without the condition (Song et al. 2021, Sec. 5 and App. I):
+inpainting, colourisation and super-resolution of held-out real images, solved by the replacement
+method inside the predictor–corrector sampler or by ΠGDM posterior sampling (`diffusion/inverse.py`),
+and scored against the ground truth: PSNR and SSIM, the domain classifier's accuracy on the completions'
+true labels, and FID of the completions (with its floor at the same N).
+
+A conditional model is used through its null label, so it is the unconditional p(x) that is inverted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import storage
+from ..diffusion.dequantize import snap_to_levels
+from ..diffusion.inverse import (
+    Colorization,
+    Inpainting,
+    Measurement,
+    SuperResolution,
+    sample_posterior,
+    sample_replacement,
+)
+from .grid import grid_png
+
+TASKS: tuple[str, ...] = ("inpaint-right", "inpaint-left", "inpaint-center", "colorize", "superres")
+METHODS: tuple[str, ...] = ("replacement", "pigdm")
+GRID_FILE = "inverse.png"
+RESULT_FILE = "inverse.json"
+
+
+@dataclass(frozen=True)
+class InverseTask:
+    """What is measured and how it is solved. `task`: inpaint-right (the right half is unknown and
+    completed from the left), inpaint-left, inpaint-center, colorize (3-channel data), superres (average
+    pooling by `factor`); `method`: replacement (noiseless y) or pigdm (y with noise σ_y)."""
+
+    task: str = "inpaint-right"
+    method: str = "replacement"
+    n: int = 200
+    steps: int = 500
+    factor: int = 2
+    sigma_y: float = 0.05
+    seed: int = 0
+    split: str = "test"
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("n", "steps", "factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "n" else 1):
+                raise ValueError(f"{name} must be an integer >= {2 if name == 'n' else 1}, got {v!r}")
+        if not self.sigma_y >= 0:
+            raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
+
+
+def measurement(task: str, shape: tuple[int, int, int], factor: int = 2) -> Measurement:
+    """The measurement operator of `task` for images of shape (C, H, W)."""
+    C, H, W = shape
+    if task.startswith("inpaint"):
+        mask = torch.zeros(C, H, W)
+        if task == "inpaint-right":
+            mask[..., : W // 2] = 1
+        elif task == "inpaint-left":
+            mask[..., W // 2:] = 1
+        else:
+            mask[:] = 1
+            mask[..., H // 4: H - H // 4, W // 4: W - W // 4] = 0
+        return Inpainting(mask)
+    if task == "colorize":
+        if C != 3:
+            raise ValueError(f"task 'colorize' needs 3-channel images, the data has {C} channel(s)")
+        return Colorization()
+    return SuperResolution(factor)
+
+
+@torch.no_grad()
+def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...],
+           task: InverseTask) -> tuple[Tensor, int]:
+    score_fn = model.score_fn(None)
+    if task.method == "replacement":
+        return sample_replacement(score_fn, model.sde, op, y, shape, steps=task.steps, seed=task.seed)
+    with torch.enable_grad():  # ΠGDM differentiates through the denoiser
+        return sample_posterior("euler_maruyama", score_fn, model.sde, op, y, shape, sigma_y=task.sigma_y,
+                                steps=task.steps, seed=task.seed, data_var=0.25)
+
+
+def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None = None, *,
+                classifier: str | None = None) -> dict[str, Any]:
+    """Solve `task` on the first n held-out images of `data`; grid (truth, measurement, completion rows)
+    and scores under `out`. With a domain classifier: its accuracy on the completions and their FID."""
+    from ..training.checkpoint import load_model
+    from .bpd import dataset_levels
+    from .classifier import load_split
+    from .image_metrics import reconstruction_metrics
+
+    task = task or InverseTask()
+    task.validate()
+    model = load_model(checkpoint)
+    levels = dataset_levels(data)
+    x, labels = load_split(data, task.split)
+    if x.shape[0] < task.n:
+        raise ValueError(f"n={task.n} exceeds the {x.shape[0]} images of split {task.split!r} of {data}")
+    x, labels = x[: task.n], labels[: task.n]
+    op = measurement(task.task, tuple(x.shape[1:]), task.factor)
+    op.check(tuple(x.shape))
+    g = torch.Generator().manual_seed(task.seed)
+    y = op.measure(x)
+    if task.method == "pigdm":
+        y = y + task.sigma_y * torch.randn(y.shape, generator=g)
+    t0 = time.perf_counter()
+    completed, nfe = _solve(model, op, y, tuple(x.shape), task)
+    done = snap_to_levels(completed.float().clamp(-1, 1), levels)  # stored and scored on the data's grid
+    scores = reconstruction_metrics(done, x)  # means over the images
+    result: dict[str, Any] = {"checkpoint": model.describe(), "data": data, "task": asdict(task),
+                              "nfe": nfe, "psnr": scores["psnr"], "ssim": scores["ssim"],
+                              "seconds": time.perf_counter() - t0}
+    if classifier:
+        result.update(_classifier_scores(done, labels, classifier, data, levels))
+    shown = min(10, task.n)
+    seen = (op.lift(y[:shown], tuple(x[:shown].shape)) if task.task.startswith("inpaint")
+            else _as_image(op, y[:shown], x[:shown]))
+    rows = torch.cat([x[:shown], snap_to_levels(seen.clamp(-1, 1), levels), done[:shown]])
+    png = grid_png(rows, nrow=shown, levels=levels, scale=max(1, 64 // x.shape[-1]))
+    result["grid"] = storage.join(out, GRID_FILE)
+    storage.write_bytes(result["grid"], png)
+    storage.write_json(storage.join(out, RESULT_FILE), result)
+    return {**result, "png": png}
+
+
+def _as_image(op: Measurement, y: Tensor, like: Tensor) -> Tensor:
+    """A measurement shown at image size: the grey image broadcast to 3 channels, or the low-resolution
+    image upsampled by repetition."""
+    if isinstance(op, Colorization):
+        return y.expand(-1, like.shape[1], -1, -1)
+    f = like.shape[-1] // y.shape[-1]
+    return y.repeat_interleave(f, -1).repeat_interleave(f, -2)
+
+
+def _classifier_scores(done: Tensor, labels: Tensor, classifier: str, data: str, levels: int) -> dict:
+    from .classifier import accuracy
+    from .features import build_extractor
+    from .fid import reference_stats
+    from .scoring import fid_and_precision
+
+    ext = build_extractor("domain", weights=classifier)
+    ref = reference_stats(data, ext, split="train")
+    scores = fid_and_precision(done, labels, extractor=ext, reference=ref, levels=levels)
+    return {"class_accuracy": accuracy(ext.model, done, labels), "fid": scores["fid"],
+            "fid_floor": scores.get("floor")}
+
+
+def inverse_markdown(res: dict[str, Any]) -> str:
+    from ..reports import embed_png, fmt, table
+
+    t = res["task"]
+    rows = [("task / method", f"{t['task']} / {t['method']}"), ("images", t["n"]), ("NFE", res["nfe"]),
+            ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
+    if "class_accuracy" in res:
+        rows += [("class accuracy of completions", res["class_accuracy"]),
+                 ("FID of completions (floor at N)",
+                  f"{fmt(res['fid'], 3)} ({fmt(res.get('fid_floor'), 3)})")]
+    return ("### Inverse problem with an unconditional model\n\n" + table(rows)
+            + "\n\nRows: ground truth, measurement, completion.\n\n"
+            + embed_png(res["png"], "inverse problem", link=res["grid"]))
+
+
+__all__ = ["METHODS", "TASKS", "InverseTask", "inverse_markdown", "measurement", "run_inverse"]
