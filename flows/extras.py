@@ -33,7 +33,8 @@ def interpolation_flow(checkpoint: str, data: str, out: str, pairs: int = 4, n: 
 
 @flow(name="inverse-problem")
 def inverse_flow(checkpoint: str, data: str, out: str, task: str = "inpaint-right",
-                 method: str = "replacement", n: int = 200, steps: int = 500, classifier: str | None = None) -> dict[str, Any]:
+                 method: str = "replacement", n: int = 200, steps: int = 500,
+                 classifier: str | None = None) -> dict[str, Any]:
     """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
     completions when the domain classifier is given."""
     return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,
