@@ -17,6 +17,7 @@ removes that coupling.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,16 @@ class SamplingPlan:
     options: dict[str, Any] = field(default_factory=dict)
     class_label: int | None = None  # None: sample i gets class i mod K (conditional models)
     levels: int = 256
+    # Guidance applies where σ̃ = σ/α lies in (sigma_lo, sigma_hi] (Kynkäänniemi et al. 2024; None: ∞).
+    sigma_lo: float = 0.0
+    sigma_hi: float | None = None
+    # Autoguidance: the checkpoint of a weaker model of the same data (Karras et al. 2024); `guidance`
+    # is then the w of D_guide + w (D_main − D_guide).
+    guide: str | None = None
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return (float(self.sigma_lo), math.inf if self.sigma_hi is None else float(self.sigma_hi))
 
     def validate(self, model: SamplingModel | None = None) -> None:
         """ValueError naming the field before any sampling work."""
@@ -62,9 +73,13 @@ class SamplingPlan:
             raise ValueError(f"seed must be an integer >= 0, got {self.base_seed!r}")
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 2 <= self.levels <= 256:
             raise ValueError(f"levels must be an integer in 2..256, got {self.levels!r}")
+        from ..diffusion.guidance import check_interval
+
+        check_interval(*self.interval)
         if model is None:
             return
-        model.check_guidance(self.guidance)
+        if self.guide is None:
+            model.check_guidance(self.guidance)
         if self.class_label is not None:
             if model.num_classes is None:
                 raise ValueError(f"class_label={self.class_label}: the model is unconditional")
@@ -122,7 +137,8 @@ def initial_noise(model: SamplingModel, plan: SamplingPlan, indices: Sequence[in
 
 
 @torch.no_grad()
-def _draw(model: SamplingModel, plan: SamplingPlan, indices: list[int]) -> Block:
+def _draw(model: SamplingModel, plan: SamplingPlan, indices: list[int],
+          guide: SamplingModel | None = None) -> Block:
     device = next(model.net.parameters()).device
     opts = {**plan.options, "progress": False}
     dtype = {**core.allowed_options(plan.method), **opts}.get("dtype", torch.float32)
@@ -132,7 +148,8 @@ def _draw(model: SamplingModel, plan: SamplingPlan, indices: list[int]) -> Block
         noise = core.per_sample_noise(
             [torch.Generator(device=device).manual_seed(plan.noise_seed(i)) for i in indices])
     labels = plan.labels(indices, model.num_classes)
-    score_fn = model.score_fn(None if labels is None else labels.to(device), plan.guidance)
+    score_fn = model.score_fn(None if labels is None else labels.to(device), plan.guidance,
+                              interval=plan.interval, guide=guide)
     t0 = time.perf_counter()
     x, nfe = core.sample(plan.method, score_fn, model.sde, tuple(x_T.shape), steps=plan.steps, x_T=x_T,
                          noise=noise, device=device, **opts)
@@ -146,14 +163,20 @@ def generate(model: SamplingModel, plan: SamplingPlan, *, blocks: Sequence[int] 
     """Draw the plan's samples block by block (`blocks`: which of the plan's blocks; default all), or,
     with `indices`, just those samples as one batch (to regenerate them alone)."""
     plan.validate(model)
+    guide = None
+    if plan.guide is not None:
+        from ..training.checkpoint import load_model
+
+        guide = load_model(plan.guide, device=next(model.net.parameters()).device)
+        model.score_fn(None, plan.guidance, interval=plan.interval, guide=guide)  # mismatches fail here
     if indices is not None:
         bad = [i for i in indices if not 0 <= i < plan.n]
         if bad:
             raise ValueError(f"indices {bad[:5]} lie outside the plan's {plan.n} samples")
-        yield _draw(model, plan, list(indices))
+        yield _draw(model, plan, list(indices), guide)
         return
     for b in range(plan.num_blocks()) if blocks is None else blocks:
-        yield _draw(model, plan, list(plan.block(b)))
+        yield _draw(model, plan, list(plan.block(b)), guide)
 
 
 def draw_all(model: SamplingModel, plan: SamplingPlan) -> tuple[Tensor, Tensor | None, float]:

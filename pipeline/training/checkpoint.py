@@ -180,16 +180,36 @@ class SamplingModel:
             raise ValueError(f"guidance w={w}: the model of {self.checkpoint_uri} is unconditional "
                              f"(preset {self.config.preset!r} has no classes); use w=0")
 
-    def score_fn(self, class_labels: Tensor | None, w: float = 0.0) -> ScoreFn:
-        """score_fn(x, t) for these labels; w > 0: classifier-free guidance (Ho & Salimans 2022, eq. 6)."""
-        from ..diffusion.guidance import cfg_score_fn
+    def score_fn(self, class_labels: Tensor | None, w: float = 0.0, *,
+                 interval: tuple[float, float] = (0.0, math.inf),
+                 guide: SamplingModel | None = None) -> ScoreFn:
+        """score_fn(x, t) for these labels.
+
+        Without `guide`: w > 0 is classifier-free guidance (1 + w) s(x, c) − w s(x, ∅) (Ho & Salimans
+        2022, eq. 6), applied only where σ̃ = σ/α lies in `interval` = (σ_lo, σ_hi] (Kynkäänniemi et al.
+        2024) and the conditional score elsewhere. With `guide` (a weaker model of the same data, e.g. an
+        earlier or smaller checkpoint): autoguidance D_w = D_guide + w (D_main − D_guide) (Karras et al.
+        2024), so w = 1 is the main model and w = 0 the guide; it needs no classes.
+        """
+        from ..diffusion.guidance import autoguided, cfg_score_fn, check_autoguide, check_interval
+        from ..diffusion.guidance import guidance_interval as within
         from ..diffusion.param import make_score_fn
 
-        self.check_guidance(w)
+        sigma_lo, sigma_hi = check_interval(*interval)
         kw = {"noise_label_kind": self.noise_label_kind, "sigma_data": self.sigma_data}
+        if guide is not None:
+            if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"guidance w must be a finite number >= 0, got {w!r}")
+            inner = lambda m: getattr(m.net, "net", m.net)  # noqa: E731  (the U-Net inside AutocastNet)
+            check_autoguide(inner(self), inner(guide), image_shape=self.image_shape,
+                            guide_image_shape=guide.image_shape)
+            main = make_score_fn(self.net, self.sde, self.parameterization, class_labels=class_labels, **kw)
+            weak = guide.score_fn(class_labels)
+            return within(autoguided(main, weak, w), main, self.sde, sigma_lo, sigma_hi)
+        self.check_guidance(w)
         if w > 0:
             return cfg_score_fn(self.net, self.sde, self.parameterization, class_labels, self.null_label, w,
-                                **kw)
+                                sigma_lo=sigma_lo, sigma_hi=sigma_hi, **kw)
         return make_score_fn(self.net, self.sde, self.parameterization, class_labels=class_labels, **kw)
 
     def describe(self) -> dict[str, Any]:
