@@ -109,6 +109,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--name", default="guidance")
     g.set_defaults(func=_guidance)
 
+    e = tsub.add_parser("ema", help="search the post-hoc EMA length σ_rel of a finished run (no retraining)")
+    e.add_argument("--run", required=True, help="training run folder URI (phema/ snapshots, ema-final.pt)")
+    e.add_argument("--data", required=True, help="sharded dataset URI (FID reference)")
+    e.add_argument("--classifier", required=True, help="domain classifier URI (features and accuracy)")
+    e.add_argument("--out", required=True, help="search folder URI; a rerun scores only missing points")
+    e.add_argument("--sigma-rels", type=_csv(float), default=(0.03, 0.05, 0.07, 0.10, 0.13, 0.17))
+    e.add_argument("--n", type=int, default=200, help="samples per point")
+    e.add_argument("--sampler", default="heun")
+    e.add_argument("--steps", type=int, default=16)
+    e.add_argument("--w", type=float, default=0.0, help="classifier-free guidance weight of the samples")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_ema)
+
 
 def _space(text: str | None) -> dict[str, Any]:
     from .. import storage
@@ -206,5 +219,18 @@ def _guidance(args: argparse.Namespace) -> int:
         precision = r.get("precision")
         precision = float("nan") if precision is None else precision
         print(f"best w ({key}): {r['w']:g}  FID {r['fid']:.4g}  precision {precision:.3f}")
+    print(f"report: {res['report']['markdown']}")
+    return 0
+
+
+def _ema(args: argparse.Namespace) -> int:
+    from .ema import sweep_ema
+
+    res = sweep_ema(run=args.run, data=args.data, classifier=args.classifier, out=args.out,
+                    sigma_rels=args.sigma_rels, n=args.n, sampler=args.sampler, steps=args.steps,
+                    guidance=args.w, seed=args.seed)
+    best = res["best"]
+    if best:
+        print(f"best σ_rel {best['sigma_rel']:.4f}: FID {best['fid']:.3f} → EMA {best['ema']}")
     print(f"report: {res['report']['markdown']}")
     return 0
