@@ -103,9 +103,7 @@ class RunOptions:
         """ValueError naming the field."""
         for name, low in (("workers", 1), ("report_every", 1), ("checkpoint_every", 1), ("keep_last", 1),
                           ("max_failures", -1), ("shuffle_buffer", 0), ("loader_workers", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+            check_int(name, getattr(self, name), low)
         if not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         if not self.cpus_per_worker > 0:
@@ -118,6 +116,13 @@ class RunOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """`value` if it is an integer (not a bool) >= `low`; else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def _check_positive(name: str, value: float) -> None:

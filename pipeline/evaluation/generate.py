@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import check_int
 from ..diffusion import samplers as core
 from ..training.checkpoint import SamplingModel
 
@@ -61,9 +62,7 @@ class SamplingPlan:
     def validate(self, model: SamplingModel | None = None) -> None:
         """ValueError naming the field before any sampling work."""
         for name in ("n", "steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         allowed = core.allowed_options(self.method)  # ValueError naming the methods for an unknown one
         settable = sorted(set(allowed) - _NOT_SETTABLE)
         unknown = sorted(set(self.options) - set(settable))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import storage
+from ..config import check_int
 from ..diffusion.dequantize import snap_to_levels
 from ..diffusion.encode import decode, encode, slerp
 from .grid import grid_png
@@ -35,9 +36,7 @@ class InterpolationPlan:
 
     def validate(self) -> None:
         for name, low in (("pairs", 1), ("n", 2), ("first", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+            check_int(name, getattr(self, name), low)
 
 
 @torch.no_grad()

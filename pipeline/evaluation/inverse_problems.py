@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import storage
+from ..config import check_int
 from ..diffusion.dequantize import snap_to_levels
 from ..diffusion.inverse import (
     Colorization,
@@ -55,9 +56,7 @@ class InverseTask:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("n", "steps", "factor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "n" else 1):
-                raise ValueError(f"{name} must be an integer >= {2 if name == 'n' else 1}, got {v!r}")
+            check_int(name, getattr(self, name), 2 if name == "n" else 1)
         if not self.sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
 

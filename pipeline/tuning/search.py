@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import RunOptions, TrainConfig
+from ..config import RunOptions, TrainConfig, check_int
 from ..evaluation.scoring import TrialScoring
 from . import spaces
 
@@ -96,11 +96,6 @@ def reported_metrics(evaluations: Sequence[str], *, conditional: bool) -> list[s
     return names
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def validate_search(search: ScheduleSearch) -> tuple[dict[str, spaces.Dim], TrainConfig]:
     """Check a search before Ray or any trial starts; ValueError naming the field otherwise."""
     from ..diffusion import samplers as core
@@ -120,10 +115,10 @@ def validate_search(search: ScheduleSearch) -> tuple[dict[str, spaces.Dim], Trai
                          f"{list(search.evaluations)} trials report {names}")
     for name in ("num_samples", "report_every", "heldout_n", "heldout_levels", "fid_n", "fid_steps",
                  "bpd_samples"):
-        _check_int(name, getattr(search, name), 1)
-    _check_int("eval_seed", search.eval_seed, 0)
+        check_int(name, getattr(search, name), 1)
+    check_int("eval_seed", search.eval_seed, 0)
     grace = search.grace_period or search.report_every
-    _check_int("grace_period", grace, 1)
+    check_int("grace_period", grace, 1)
     if grace > search.steps:
         raise ValueError(f"grace_period={grace} exceeds steps={search.steps}: ASHA could never stop a trial")
     if not search.reduction_factor > 1:
@@ -132,7 +127,7 @@ def validate_search(search: ScheduleSearch) -> tuple[dict[str, spaces.Dim], Trai
         raise ValueError("trial_cpus must be > 0 (Tune cannot place a trial without resources), "
                          f"got {search.trial_cpus}")
     if search.max_concurrent is not None:
-        _check_int("max_concurrent", search.max_concurrent, 1)
+        check_int("max_concurrent", search.max_concurrent, 1)
     if "fid" in search.evaluations:
         if not search.classifier:
             raise ValueError("evaluations include 'fid': pass classifier (the domain classifier's URI, "
