@@ -66,11 +66,23 @@ def likelihood_markdown(result: dict[str, Any]) -> str:
         f"{ode['nfe_mean']:.0f} |",
         f"| continuous ELBO (bound) | {elbo['bpd']:.4f} | {elbo['bpd_stderr']:.4f} | {elbo['n']} | "
         f"{elbo['nfe_mean']:.0f} |",
+        *([f"| DDPM variational bound (discrete chain) | {ddpm['bpd']:.4f} | {ddpm['bpd_stderr']:.4f} | "
+           f"{ddpm['n']} | {ddpm['nfe_mean']:.0f} |"] if (ddpm := result.get("ddpm_elbo")) else []),
+        "",
+        f"Dequantised bits/dim include log₂((L − 1)/2) = {_offset(ode):.4f} bits/dim for the data's L levels "
+        "(uniform dequantisation; `diffusion/dequantize.py`).",
         "",
         f"SDE `{ck['sde']}`, parameterisation `{ck['parameterization']}`, checkpoint sha256 "
         f"`{ck['sha256'][:16]}…`. Settings: `{ode['settings']}`.",
         "",
     ])
+
+
+def _offset(summary: dict[str, Any]) -> float:
+    from .diffusion.dequantize import offset_bits_per_dim
+
+    levels = ((summary.get("settings") or {}).get("dequantize") or {}).get("levels") or 256
+    return offset_bits_per_dim(int(levels))
 
 
 def guidance_markdown(res: dict[str, Any]) -> str:

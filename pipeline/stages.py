@@ -165,25 +165,44 @@ def fid_stage(samples: str, data: str, out: str, *, extractor: str = "auto", cla
 
 def likelihood_stage(checkpoint: str, data: str, out: str, *, max_samples: int = 256, batch_size: int = 64,
                      rtol: float = 1e-5, atol: float = 1e-5, elbo_samples: int = 16, seed: int = 0,
-                     split: str = "test") -> dict[str, Any]:
-    """Bits/dim through the probability-flow ODE and the continuous ELBO on `data`'s `split`,
-    written to `out`/likelihood.json and .md."""
-    from .evaluation.bpd import evaluate_bpd, evaluate_elbo
-    from .training.checkpoint import load_model
+                     split: str = "test", workers: int = 0) -> dict[str, Any]:
+    """Bits/dim through the probability-flow ODE and the continuous ELBO on `data`'s `split` (and, for
+    a network trained on an exact discrete chain, DDPM's own variational bound, the figure the DDPM paper
+    reports), written to `out`/likelihood.json and .md. workers ≥ 1 splits the ODE over Ray tasks."""
+    import functools
+
+    from .diffusion.chain import DDPMChain
+    from .diffusion.elbo import eps_fn_from_score
+    from .evaluation.bpd import evaluate_bpd, evaluate_bpd_ray, evaluate_ddpm_elbo, evaluate_elbo
+    from .training.checkpoint import load_model, unconditional_score_fn
 
     model = load_model(checkpoint)
     # Unconditional likelihood: a conditional model is evaluated with the null label (its p(x)).
     score_fn = model.score_fn(None)
     common = {"batch_size": batch_size, "seed": seed, "split": split, "max_samples": max_samples}
-    ode = evaluate_bpd(score_fn, model.sde, data, rtol=rtol, atol=atol, **common)
+    if workers:
+        make = functools.partial(unconditional_score_fn, checkpoint)  # built again on each worker
+        ode = evaluate_bpd_ray(make, model.sde.config(), data, num_workers=workers, use_gpu=_cuda(),
+                               rtol=rtol, atol=atol, **common)
+    else:
+        ode = evaluate_bpd(score_fn, model.sde, data, rtol=rtol, atol=atol, **common)
     elbo = evaluate_elbo(score_fn, model.sde, data, n_samples=elbo_samples, **common)
     result = {"checkpoint": model.describe(), "data": data, "split": split, "ode": ode, "elbo": elbo}
+    if isinstance(model.sde, DDPMChain):
+        eps_fn = eps_fn_from_score(score_fn, model.sde)  # ε at the chain's own ᾱ_i, label i
+        result["ddpm_elbo"] = evaluate_ddpm_elbo(eps_fn, model.sde.ddpm_schedule(), data, **common)
     markdown = reports.likelihood_markdown(result)
     storage.write_json(RunLayout.likelihood(out), result)
     storage.write_bytes(RunLayout.likelihood(out, "md"), markdown.encode())
     return {"report": RunLayout.likelihood(out), "bpd_ode": ode["bpd"], "bpd_ode_stderr": ode["bpd_stderr"],
             "bpd_elbo": elbo["bpd"], "bpd_elbo_stderr": elbo["bpd_stderr"], "nfe_mean": ode["nfe_mean"],
             "n": ode["n"], "markdown": markdown}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,

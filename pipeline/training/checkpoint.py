@@ -295,6 +295,13 @@ def load_model(uri: str, *, device: torch.device | str = "cpu", weights: str = "
                                     step=step, weights=used)
 
 
+def unconditional_score_fn(uri: str) -> ScoreFn:
+    """The unconditional score of the checkpoint at `uri`, on this process's GPU when it has one (what a
+    Ray task of `evaluation.bpd.evaluate_bpd_ray` builds on its worker; picklable with functools.partial)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return load_model(uri, device=device).score_fn(None)
+
+
 __all__ = ["CHECKPOINT_DIR", "EMA_EXPORT", "PRECISIONS", "SamplingModel", "checkpoint_uri", "export_ema",
            "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model", "prune_checkpoints",
-           "save_checkpoint"]
+           "save_checkpoint", "unconditional_score_fn"]
