@@ -66,14 +66,19 @@ def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=os.environ.get("PIPELINE_ROOT") or "artifacts/run",
                    help="where every artifact goes (path, file://, s3://...; default $PIPELINE_ROOT)")
     p.add_argument("--preset", default="tiny-digits")
-    p.add_argument("--train-steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--n-samples", type=int, default=500)
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--sample-steps", type=int, default=32)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
+    from .params import EvalParams, TrainParams
+
+    t, e = TrainParams(), EvalParams()  # the flags' defaults are the flow's own
+    p.add_argument("--train-steps", type=int, default=t.steps)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--workers", type=int, default=t.workers, help="Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=float, default=t.gpus_per_worker)
+    p.add_argument("--n-samples", type=int, default=e.n_samples)
+    p.add_argument("--sampler", default=e.sampler)
+    p.add_argument("--sample-steps", type=int, default=e.sample_steps)
+    p.add_argument("--guidance", type=float, default=e.guidance,
+                   help="classifier-free guidance weight w of the evaluated samples (the sweep covers "
+                        "the others)")
     p.add_argument("--xflip", action="store_true",
                    help="random horizontal flips (refused on data whose manifest says mirroring changes "
                         "the class)")

@@ -13,7 +13,7 @@ class _Group(BaseModel):
 class TrainParams(_Group):
     """Training: steps and batch of the preset's recipe, and how the run is spread over Ray workers."""
 
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(2500, ge=1)
     batch_size: int = Field(128, ge=1)
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -28,7 +28,7 @@ class EvalParams(_Group):
     n_samples: int = Field(500, ge=2)
     sampler: str = "heun"
     sample_steps: int = Field(32, ge=1)
-    guidance: float = Field(1.0, ge=0)
+    guidance: float = Field(0.0, ge=0)  # the FID gate judges the model itself; the sweep judges w
     sample_workers: int = Field(0, ge=0)
     likelihood_samples: int = Field(128, ge=1)
     elbo_samples: int = Field(8, ge=1)
@@ -39,7 +39,7 @@ class SweepParams(_Group):
 
     weights: list[float] | None = None
     samples: int = Field(200, ge=2)
-    steps: int = Field(12, ge=1)
+    steps: int = Field(18, ge=1)
 
 
 __all__ = ["EvalParams", "SweepParams", "TrainParams"]

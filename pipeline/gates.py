@@ -48,9 +48,15 @@ def judge(summary: dict[str, Any], *, levels: int | None = None) -> list[Verdict
                            f"FID ≤ {FID_FLOOR_RATIO:g} × real-vs-real floor at the same N"))
     swept = (summary.get("tune") or {}).get("rows") or []
     rows = sorted((r for r in swept if r.get("precision") is not None), key=lambda r: r["w"])
-    if rows and rows[0]["w"] == 0:
-        acc0 = rows[0]["precision"]
-        out.append(Verdict("class accuracy at w = 0", acc0 >= MIN_ACCURACY_W0, f"{acc0:.3f}",
+    # At w = 0: the evaluated samples' accuracy when they were drawn at w = 0 (the larger N), else the
+    # sweep's w = 0 point.
+    w0 = None
+    if fid.get("class_accuracy") is not None and (ev.get("samples") or {}).get("guidance_w") == 0:
+        w0 = (fid["class_accuracy"], fid.get("n"))
+    elif rows and rows[0]["w"] == 0:
+        w0 = (rows[0]["precision"], rows[0].get("n"))
+    if w0 is not None:
+        out.append(Verdict("class accuracy at w = 0", w0[0] >= MIN_ACCURACY_W0, f"{w0[0]:.3f} (N={w0[1]})",
                            f"≥ {MIN_ACCURACY_W0:g}"))
     if len(rows) > 1:
         falls = [(a["w"], b["w"]) for a, b in itertools.pairwise(rows)

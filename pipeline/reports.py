@@ -130,8 +130,10 @@ def run_markdown(s: dict[str, Any]) -> str:
         rows = [r for r in s["tune"]["rows"] if r["fid"] is not None]
         curve = "; ".join(f"w={r['w']:g}: FID {r['fid']:.2f}, accuracy {fmt(r.get('precision'), 3)}"
                           for r in rows)
-        floors = [r["floor"] for r in rows if r.get("floor") is not None]
-        spread = (f" Floor at N={rows[0].get('n')}: {min(floors):.2f}–{max(floors):.2f}." if floors else "")
+        lo = [r["floor_min"] for r in rows if r.get("floor_min") is not None]
+        hi = [r["floor_max"] for r in rows if r.get("floor_max") is not None]
+        spread = (f" Real-vs-real floor at N={rows[0].get('n')}: {min(lo):.2f}–{max(hi):.2f} over its draws."
+                  if lo and hi else "")
         best = s["tune"]["best"]
         lines.append(f"| guidance sweep | best w={best['w']:g} (FID {best['fid']:.3f}). {curve}.{spread} |")
     lines.append("")
