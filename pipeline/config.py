@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPTIMIZERS = ("adam", "adamw")
-MODELS = ("unet", "autoencoder")  # what `preset` names: a U-Net or an autoencoder (latent diffusion, issue 18)
+MODELS = ("unet", "autoencoder")  # what `preset` names (the autoencoder: latent diffusion, issue 18)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 

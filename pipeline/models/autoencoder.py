@@ -53,20 +53,49 @@ class _Res(nn.Module):
 class Autoencoder(nn.Module):
     """E: x [B, C, H, W] → z [B, z_channels, H/f, W/f]; D: z → x̂. See the module docstring."""
 
-    def __init__(self, *, kind: str = "vae", in_channels: int = 3, image_size: int = 32, channels: int = 64,
-                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, z_channels: int = 4,
-                 logvar_min: float = -30.0, logvar_max: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        kind: str = "vae",
+        in_channels: int = 3,
+        image_size: int = 32,
+        channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        z_channels: int = 4,
+        logvar_min: float = -30.0,
+        logvar_max: float = 20.0,
+    ) -> None:
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
-        _check_config(kind=kind, in_channels=in_channels, image_size=image_size, channels=channels,
-                      channel_mult=channel_mult, num_res_blocks=num_res_blocks, z_channels=z_channels)
+        _check_config(
+            kind=kind,
+            in_channels=in_channels,
+            image_size=image_size,
+            channels=channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+        )
         if kind == "identity":
             z_channels, channel_mult = in_channels, (1,)
         self.config: dict[str, Any] = dict(
-            kind=kind, in_channels=in_channels, image_size=image_size, channels=channels,
-            channel_mult=channel_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-            logvar_min=logvar_min, logvar_max=logvar_max)
-        self.kind, self.in_channels, self.image_size, self.z_channels = kind, in_channels, image_size, z_channels
+            kind=kind,
+            in_channels=in_channels,
+            image_size=image_size,
+            channels=channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+            logvar_min=logvar_min,
+            logvar_max=logvar_max,
+        )
+        self.kind, self.in_channels, self.image_size, self.z_channels = (
+            kind,
+            in_channels,
+            image_size,
+            z_channels,
+        )
         self.factor = 2 ** (len(channel_mult) - 1)
         self.logvar_range = (logvar_min, logvar_max)
         if kind == "identity":
@@ -105,8 +134,9 @@ class Autoencoder(nn.Module):
     def check_input(self, x: Tensor) -> None:
         want = (self.in_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"autoencoder input has shape {tuple(x.shape)}; expected [B, {want[0]}, "
-                             f"{want[1]}, {want[2]}]")
+            raise ValueError(
+                f"autoencoder input has shape {tuple(x.shape)}; expected [B, {want[0]}, {want[1]}, {want[2]}]"
+            )
 
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(μ, log σ²) of q(z|x); a deterministic encoder has log σ² = −∞ (returned as −inf)."""
@@ -161,55 +191,99 @@ class AutoencoderLoss:
     per noise level, and an autoencoder has one).
     """
 
-    def __init__(self, *, latent_shape: Sequence[int], reconstruction: str = "mse",
-                 kl_weight: float = 1e-6) -> None:
+    def __init__(
+        self, *, latent_shape: Sequence[int], reconstruction: str = "mse", kl_weight: float = 1e-6
+    ) -> None:
         if reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
         if not (isinstance(kl_weight, int | float) and 0 <= kl_weight < math.inf):
             raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-        self.latent_shape, self.reconstruction, self.kl_weight = tuple(latent_shape), reconstruction, kl_weight
+        self.latent_shape, self.reconstruction, self.kl_weight = (
+            tuple(latent_shape),
+            reconstruction,
+            kl_weight,
+        )
 
-    def forward_with_noise(self, model: nn.Module, x: Tensor, labels: Tensor | None = None, *,
-                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        eps = torch.randn((x.shape[0], *self.latent_shape), generator=generator, device=x.device,
-                          dtype=x.dtype)
+    def forward_with_noise(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        eps = torch.randn(
+            (x.shape[0], *self.latent_shape), generator=generator, device=x.device, dtype=x.dtype
+        )
         x_hat, kl = Autoencoder.unpack(model(x, eps, None), x.shape)
         err = x_hat - x
         rec = (err.pow(2) if self.reconstruction == "mse" else err.abs()).flatten(1).mean(1)
         loss = rec + self.kl_weight * kl / x[0].numel()
         return loss, torch.zeros_like(loss)
 
-    def __call__(self, model: nn.Module, x: Tensor, labels: Tensor | None = None, *,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        labels: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         return self.forward_with_noise(model, x, labels, generator=generator)[0]
 
 
-def _check_config(*, kind: str, in_channels: int, image_size: int, channels: int,
-                  channel_mult: tuple[int, ...], num_res_blocks: int, z_channels: int) -> None:
+def _check_config(
+    *,
+    kind: str,
+    in_channels: int,
+    image_size: int,
+    channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    z_channels: int,
+) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    for name, v in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
-                    ("num_res_blocks", num_res_blocks), ("z_channels", z_channels)):
+    for name, v in (
+        ("in_channels", in_channels),
+        ("image_size", image_size),
+        ("channels", channels),
+        ("num_res_blocks", num_res_blocks),
+        ("z_channels", z_channels),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not channel_mult or any(m < 1 for m in channel_mult):
         raise ValueError(f"channel_mult must be a non-empty sequence of integers >= 1, got {channel_mult}")
     f = 2 ** (len(channel_mult) - 1)
     if kind != "identity" and image_size % f:
-        raise ValueError(f"image_size {image_size} is not divisible by the downsampling factor {f} "
-                         f"(channel_mult={channel_mult})")
+        raise ValueError(
+            f"image_size {image_size} is not divisible by the downsampling factor {f} "
+            f"(channel_mult={channel_mult})"
+        )
 
 
-_DEFAULTS: dict[str, Any] = dict(kind="vae", in_channels=3, image_size=32, channels=64, channel_mult=(1, 2, 2),
-                                 num_res_blocks=1, z_channels=4, logvar_min=-30.0, logvar_max=20.0)
+_DEFAULTS: dict[str, Any] = dict(
+    kind="vae",
+    in_channels=3,
+    image_size=32,
+    channels=64,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    z_channels=4,
+    logvar_min=-30.0,
+    logvar_max=20.0,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded 8×8×1 digits: f = 2, a 4×4×2 latent (32 numbers for 64 pixels).
-    "vae-digits": dict(in_channels=1, image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                       z_channels=2),
+    "vae-digits": dict(
+        in_channels=1, image_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=2
+    ),
     # 32×32×3 images: f = 4, an 8×8×4 latent (Rombach et al. 2022's KL-f4 shape, smaller network).
-    "vae-32": dict(in_channels=3, image_size=32, channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                   z_channels=4),
+    "vae-32": dict(
+        in_channels=3, image_size=32, channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=4
+    ),
     # The identity (latent = pixels): the latent branch's control, reproducing the pixel branch.
     "identity-digits": dict(kind="identity", in_channels=1, image_size=8),
     "identity-32": dict(kind="identity", in_channels=3, image_size=32),
@@ -229,7 +303,7 @@ def autoencoder_config(preset: str, **overrides: Any) -> dict[str, Any]:
 
 
 def build_autoencoder(preset: str, **overrides: Any) -> Autoencoder:
-    """Build an Autoencoder from a named preset in PRESETS (overrides: kind, z_channels, channel_mult, ...)."""
+    """Build an Autoencoder from a named preset in PRESETS (overrides: kind, z_channels, ...)."""
     return Autoencoder(**autoencoder_config(preset, **overrides))
 
 
@@ -242,5 +316,13 @@ def build_autoencoder_loss(net: Autoencoder, **loss_kwargs: Any) -> AutoencoderL
     return AutoencoderLoss(latent_shape=net.latent_shape, **loss_kwargs)
 
 
-__all__ = ["KINDS", "PRESETS", "RECONSTRUCTIONS", "Autoencoder", "AutoencoderLoss", "autoencoder_config",
-           "build_autoencoder", "build_autoencoder_loss"]
+__all__ = [
+    "KINDS",
+    "PRESETS",
+    "RECONSTRUCTIONS",
+    "Autoencoder",
+    "AutoencoderLoss",
+    "autoencoder_config",
+    "build_autoencoder",
+    "build_autoencoder_loss",
+]
