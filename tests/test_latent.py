@@ -300,3 +300,18 @@ def test_latents_of_another_autoencoder_and_shapes_the_unet_cannot_take(pixels, 
 def test_float16_latents_keep_the_pixel_grid_exactly():
     v = np.arange(17, dtype=np.float32) / 8 - 1  # digits' 17 levels in [-1, 1]
     assert np.array_equal(v.astype(np.float16).astype(np.float32), v)
+
+
+def test_latent_command_checks_its_presets_before_any_work():
+    import argparse
+
+    from flows.latent_cli import add_parser, flow_params
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    with pytest.raises(ValueError, match="autoencoder preset must be one of"):
+        flow_params(parser.parse_args(["latent", "--autoencoder-preset", "vae-64"]))
+    with pytest.raises(ValueError, match="preset must be one of"):
+        flow_params(parser.parse_args(["latent", "--preset", "unet-xl"]))
+    params = flow_params(parser.parse_args(["latent", "--train-steps", "7"]))
+    assert params["train"]["steps"] == 7 and params["autoencoder_preset"] == "vae-digits"

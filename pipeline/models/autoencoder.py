@@ -166,13 +166,15 @@ class Autoencoder(nn.Module):
         if self.kind == "vae":
             z = mean + torch.exp(0.5 * logvar) * eps
             # KL(N(μ, σ²) ‖ N(0, 1)) = ½ Σ (μ² + σ² − 1 − log σ²) (Kingma & Welling 2014, App. B)
-            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+            # (in fp32: under bf16 autocast a sum of many small terms would lose digits)
+            m, lv = mean.float(), logvar.float()
+            kl = 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv).flatten(1).sum(1)
         else:
             z, kl = mean, mean.new_zeros(mean.shape[0])
         x_hat = self.decode(z)
         if self.kind == "identity":
             x_hat = x_hat + 0.0 * self.dummy  # keeps a (zero) gradient path for the optimiser
-        return torch.cat([x_hat.flatten(1), kl[:, None].to(x_hat.dtype)], dim=1)
+        return torch.cat([x_hat.float().flatten(1), kl.float()[:, None]], dim=1)
 
     @staticmethod
     def unpack(out: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor]:

@@ -129,7 +129,7 @@ class Trainer:
         ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
-                            weight_decay=config.weight_decay)
+                            weight_decay=config.weight_decay, fused=kw["device"].type == "cuda" or None)
         return cls(config, net=net, sde=sde, loss_fn=build_autoencoder_loss(net, **config.loss_kwargs),
                    optimizer=optimizer, ema=ema, **kw)
 
