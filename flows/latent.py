@@ -87,8 +87,8 @@ def latent_pipeline(
     overwrite_latents: bool = False,
     pixel_fid: float | None = None,
 ) -> dict[str, Any]:
-    """The latent branch under `root`; `pixel_fid` (the pixel model's FID, e.g. from `diffusion_pipeline`
-    on the same data) is shown beside the decoded samples' FID."""
+    """The latent branch under `root`; the pixel model's FID (`pixel_fid`, or read from `diffusion_pipeline`'s
+    report under the same root) is shown beside the decoded samples' FID."""
     logger = get_run_logger()
     tp, ep = train or TrainParams(), evaluate or EvalParams()
     layout, run = LatentLayout(root), RunLayout(root)
@@ -130,6 +130,8 @@ def latent_pipeline(
     bound = latent_likelihood_task(
         trained["ema"], ae["ema"], latents["data"], layout.eval, ep.likelihood_samples
     )
+    if pixel_fid is None:  # the pixel branch (`diffusion_pipeline`) on the same root, if it ran
+        pixel_fid = latent.pixel_fid(root)
     summary = {
         "root": root,
         "data": data,

@@ -315,3 +315,12 @@ def test_latent_command_checks_its_presets_before_any_work():
         flow_params(parser.parse_args(["latent", "--preset", "unet-xl"]))
     params = flow_params(parser.parse_args(["latent", "--train-steps", "7"]))
     assert params["train"]["steps"] == 7 and params["autoencoder_preset"] == "vae-digits"
+
+
+def test_pixel_fid_is_read_from_the_pixel_branch_of_the_same_root(tmp_path):
+    from pipeline.latent.stages import pixel_fid
+
+    root = str(tmp_path / "run")
+    assert pixel_fid(root) is None
+    storage.write_json(storage.join(root, "eval", "eval-domain-classifier.json"), {"fid": 3.5})
+    assert pixel_fid(root) == 3.5

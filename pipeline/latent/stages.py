@@ -312,6 +312,14 @@ def latent_likelihood_stage(
     }
 
 
+def pixel_fid(root: str, extractor: str = "domain-classifier") -> float | None:
+    """The pixel branch's FID under the same run root (`RunLayout.eval`), if that branch has run."""
+    from ..layout import RunLayout
+
+    uri = storage.join(RunLayout(root).eval, f"eval-{extractor}.json")
+    return float(storage.read_json(uri)["fid"]) if storage.exists(uri) else None
+
+
 __all__ = [
     "autoencoder_stage",
     "decoded_sample_stage",
@@ -319,5 +327,6 @@ __all__ = [
     "latent_config",
     "latent_likelihood_stage",
     "latent_train_stage",
+    "pixel_fid",
     "reconstructions",
 ]
