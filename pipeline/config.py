@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPTIMIZERS = ("adam", "adamw")
+MODELS = ("unet", "autoencoder")  # what `preset` names (the autoencoder: latent diffusion, issue 18)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -43,6 +44,8 @@ class TrainConfig:
     # Random horizontal flips of the training images. Off by default, as EDM's opt-in --xflip: a
     # mirrored digit or letter is not that class. The data's manifest says when mirroring is unsafe.
     xflip: bool = False
+    # "autoencoder": train the autoencoder preset `preset` with the same loop (pipeline.models.autoencoder).
+    model: str = "unet"
 
     def __post_init__(self) -> None:
         _check_positive("batch_size", self.batch_size)
@@ -54,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ema_halflife_kimg <= 0:

@@ -98,8 +98,9 @@ class _Stages:
         drop_last: bool,
         with_index: bool,
         encoding: str = "png",
+        scale: float = 1.0,
     ) -> None:
-        self.encoding = encoding
+        self.encoding, self.scale = encoding, scale
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.shuffle_buffer, self.flip, self.levels = shuffle_buffer, flip, levels
         self.shape, self.batch_size, self.drop_last, self.with_index = (
@@ -156,7 +157,7 @@ class _Stages:
                 raise ValueError(f"shard {where}, key {key}: members {missing} missing (not a uint8 shard?)")
             images, labels, ids = (np.load(io.BytesIO(group[m])) for m in mf.UINT8_MEMBERS)  # no pickles
             mf.check_uint8_array(images.shape, images.dtype, shard=where, key=key, image_shape=self.shape,
-                                 count=len(labels))
+                                 count=len(labels), expect="uint8" if self.encoding == "uint8" else "float16")
             if len(ids) != len(labels):
                 raise ValueError(f"shard {where}, key {key}: {len(ids)} indices for {len(labels)} labels")
             yield from zip(images, labels.tolist(), ids.tolist(), strict=True)
@@ -177,11 +178,15 @@ class _Stages:
         if self.flip:
             mask = np.array([flips.random() < 0.5 for _ in items])
             v[mask] = v[mask, :, ::-1]
+        if self.encoding == mf.LATENT_ENCODING:  # latents: z·scale_factor, no levels (issue 18)
+            return self._out(torch.from_numpy(v.transpose(0, 3, 1, 2).astype(np.float32) * self.scale), items)
         # In numpy: torch's intra-op threads make this small conversion slow on a busy CPU.
         x = v.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # [B, C, H, W]
         x *= np.float32(2.0 / (self.levels - 1))
         x -= np.float32(1.0)  # x = 2·v/(L−1) − 1
-        x = torch.from_numpy(x)
+        return self._out(torch.from_numpy(x), items)
+
+    def _out(self, x: torch.Tensor, items: list) -> tuple[torch.Tensor, ...]:
         labels = torch.tensor([it[1] for it in items], dtype=torch.long)
         if self.with_index:
             return x, labels, torch.tensor([it[2] for it in items], dtype=torch.long)
@@ -263,7 +268,8 @@ class Loader:
         self.levels = int(self.manifest["levels"])
         self.shape = tuple(self.manifest["image"]["shape"])
         self.encoding = mf.image_encoding(self.manifest)
-        if self.encoding == "uint8":  # array headers against the manifest, before any batch is read
+        self.scale = float(self.manifest.get("latent", {}).get("scale_factor", 1.0))
+        if self.encoding in ("uint8", mf.LATENT_ENCODING):  # array headers against the manifest, first
             mf.check_uint8_shards(self.manifest, self.root, self.entries)
 
     def set_epoch(self, epoch: int) -> None:
@@ -310,11 +316,12 @@ class Loader:
             drop_last=self.drop_last,
             with_index=self.with_index,
             encoding=self.encoding,
+            scale=self.scale,
         )
         urls = [storage.join(self.root, s["name"]) for s in shards]
         # The same shuffle sees the same sample sequence in either encoding, so a uint8 copy of a
         # dataset yields exactly the batches its PNG original does.
-        if self.encoding == "uint8":
+        if self.encoding in ("uint8", mf.LATENT_ENCODING):
             stages_ = (stages.unpack, stages.shuffle)
         else:
             stages_ = (stages.shuffle, stages.decode)

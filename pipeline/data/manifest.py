@@ -23,6 +23,9 @@ SAMPLE_KEY = "{split}-{index:08d}"
 FIELDS = {"png": "image, lossless PNG (L or RGB)", "cls": "label, decimal text", "idx": "source index"}
 # Image encodings, chosen at sharding time and recorded as manifest["image"]["encoding"].
 ENCODINGS = ("png", "uint8")
+# Latent shards (pipeline.latent.shards): the uint8 layout with float16 latents [N, h, w, c] as images.npy;
+# the loader multiplies them by manifest["latent"]["scale_factor"] (Rombach et al. 2022, unit std).
+LATENT_ENCODING = "float16"
 # The uint8 layout: one group per shard, keyed by its first sample's key, holding the shard's samples
 # as three .npy arrays (their headers state shape and dtype, so a reader checks them against the
 # manifest without decoding anything). The images member comes first in the tar.
@@ -113,22 +116,23 @@ def verify_manifest(uri: str, *, max_workers: int = 8) -> list[str]:
 def image_encoding(manifest: dict) -> str:
     """The manifest's image encoding ('png' for manifests written before the field had choices)."""
     enc = manifest.get("image", {}).get("encoding", "png")
-    if enc not in ENCODINGS:
-        raise ValueError(f"manifest image.encoding={enc!r}: allowed {ENCODINGS}")
+    if enc not in (*ENCODINGS, LATENT_ENCODING):
+        raise ValueError(f"manifest image.encoding={enc!r}: allowed {(*ENCODINGS, LATENT_ENCODING)}")
     return enc
 
 
 def check_uint8_array(shape: tuple[int, ...], dtype: np.dtype, *, shard: str, key: str,
-                      image_shape: tuple[int, ...], count: int | None = None) -> None:
-    """A ValueError naming the shard and key when a uint8 shard's image array disagrees with the manifest."""
+                      image_shape: tuple[int, ...], count: int | None = None, expect: str = "uint8") -> None:
+    """A ValueError naming the shard and key when a uint8 (or float16 latent: `expect`) shard's image
+    array disagrees with the manifest."""
     want = (count if count is not None else "N", *image_shape)
-    ok = np.dtype(dtype) == np.uint8 and len(shape) == 4 and tuple(shape[1:]) == tuple(image_shape)
+    ok = np.dtype(dtype) == np.dtype(expect) and len(shape) == 4 and tuple(shape[1:]) == tuple(image_shape)
     if ok and count is not None:
         ok = shape[0] == count
     if not ok:
         raise ValueError(
             f"shard {shard}, key {key}: images array is {np.dtype(dtype)} {tuple(shape)}; the manifest says "
-            f"uint8 {want}. Reshard the dataset (its manifest and shards disagree)"
+            f"{expect} {want}. Reshard the dataset (its manifest and shards disagree)"
         )
 
 
@@ -161,7 +165,8 @@ def check_uint8_shards(manifest: dict, root: str, entries: list[dict], *, max_wo
     def check(entry: dict) -> None:
         uri = storage.join(root, entry["name"])
         key, shape, dtype = read_uint8_header(uri)
-        check_uint8_array(shape, dtype, shard=uri, key=key, image_shape=image_shape, count=entry["count"])
+        check_uint8_array(shape, dtype, shard=uri, key=key, image_shape=image_shape, count=entry["count"],
+                          expect="float16" if image_encoding(manifest) == LATENT_ENCODING else "uint8")
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         list(pool.map(check, entries))

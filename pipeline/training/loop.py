@@ -103,6 +103,8 @@ class Trainer:
         device = torch.device(device)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         sde = build_sde(config.sde, **config.sde_kwargs)
+        if config.model == "autoencoder":  # the autoencoder of latent diffusion: same loop (issue 18)
+            return cls._autoencoder(config, sde, device=device, rank=rank, wrap=wrap)
         net = build_unet(config.preset, **config.model_overrides).to(device)
         if config.channels_last and device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
@@ -118,6 +120,18 @@ class Trainer:
                             weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
         return cls(config, net=net, sde=sde, loss_fn=loss_fn, optimizer=optimizer, ema=ema, device=device,
                    rank=rank, wrap=wrap)
+
+    @classmethod
+    def _autoencoder(cls, config: TrainConfig, sde: SDE, **kw: Any) -> Trainer:
+        from ..models.autoencoder import build_autoencoder, build_autoencoder_loss
+
+        net = build_autoencoder(config.preset, **config.model_overrides).to(kw["device"])
+        ema = EMA(net, halflife_kimg=config.ema_halflife_kimg, rampup_ratio=config.ema_rampup_ratio)
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
+                            weight_decay=config.weight_decay, fused=kw["device"].type == "cuda" or None)
+        return cls(config, net=net, sde=sde, loss_fn=build_autoencoder_loss(net, **config.loss_kwargs),
+                   optimizer=optimizer, ema=ema, **kw)
 
     # ---- optimisation ------------------------------------------------------------------------
 

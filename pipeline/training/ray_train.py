@@ -155,9 +155,16 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, options: Ru
     if config.batch_size % options.workers:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={options.workers} "
                          "(it is the global batch, split evenly across ranks)")
-    net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
-    sde = build_sde(config.sde, **config.sde_kwargs)
-    build_loss(config.loss, sde, **config.loss_kwargs)
+    if config.model == "autoencoder":  # latent diffusion's autoencoder (issue 18)
+        from ..models.autoencoder import build_autoencoder, build_autoencoder_loss
+
+        ae = build_autoencoder(config.preset, **config.model_overrides)  # unknown preset → ValueError
+        net_cfg = {**ae.config, "num_classes": None}
+        build_autoencoder_loss(ae, **config.loss_kwargs)
+    else:
+        net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
+        sde = build_sde(config.sde, **config.sde_kwargs)
+        build_loss(config.loss, sde, **config.loss_kwargs)
     if need_data:
         if data is None:
             raise ValueError("data: a sharded dataset URI is required (folder holding manifest.json)")
