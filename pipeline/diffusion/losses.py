@@ -19,21 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .param import (
-    NOISE_LABELS,
-    PARAMETERIZATIONS,
-    Net,
-    edm_denoise,
-    log_normal_sigma,
-    noise_label,
-    output_to_score,
-)
+from . import param
+from .param import NOISE_LABELS, Net, edm_denoise, log_normal_sigma, noise_label, output_to_score
 from .sde import SDE, expand_like
 
 LOSSES: tuple[str, ...] = ("dsm", "edm", "ism", "ssm", "ssm-vr")  # the last three: score_matching.py
 # The network outputs a score-matching loss (DSM here, ISM/SSM in score_matching.py) trains: every
 # parameterisation but EDM's preconditioned denoiser, which has its own loss (EDMLoss).
-DSM_PARAMETERIZATIONS: tuple[str, ...] = tuple(p for p in PARAMETERIZATIONS if p != "edm")
+DSM_PARAMETERIZATIONS: tuple[str, ...] = tuple(p for p in param.PARAMETERIZATIONS if p != "edm")
 WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood", "min_snr")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 # Losses built elsewhere (name → builder(name, sde, **kwargs)); score_matching.py registers ism/ssm/ssm-vr.
