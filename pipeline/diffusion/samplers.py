@@ -449,14 +449,13 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 def _check_spacing(sde: SDE, steps: int, opts: dict[str, Any]) -> None:
     """Respacing options exist only on an exact chain, where they are checked against its N."""
+    defaults = _flat(ChainOptions)
     if isinstance(sde, DDPMChain):
-        check_chain_options(sde, steps, _grouped("ddim", {k: opts[k] for k in _flat(ChainOptions)
-                                                          if k in opts})["chain"])
+        check_chain_options(sde, steps, ChainOptions(**{k: opts[k] for k in defaults if k in opts}))
         return
     _require(opts["spacing"] is None or opts["spacing"] in SPACINGS, "spacing", opts["spacing"],
              f"None or one of {SPACINGS}")
-    for key, default in (("spacing", None), ("steps_offset", 0), ("set_alpha_to_one", True),
-                         ("clip_sample", None)):
+    for key, default in defaults.items():
         if key in opts and opts[key] != default:
             raise ValueError(f"{key} is an option of sampling an exact discrete chain (sde 'ddpm-chain'), "
                              f"not of {type(sde).__name__}; got {key}={opts[key]!r}")
