@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.diffusion.likelihood import exact_divergence, ode_likelihood
+from pipeline.diffusion.likelihood import Integration, exact_divergence, ode_likelihood
 from pipeline.diffusion.sde import SDE, VESDE, VPSDE, SubVPSDE
 from pipeline.diffusion.toy import GaussianMixture
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         for variable in ("t", "vp"):
             for method in args.methods.split(","):
                 for tol in tols:
-                    r = ode_likelihood(sf, sde, x, trace="exact", rtol=tol, atol=tol, eps=eps, method=method,
-                                       variable=variable)
+                    r = ode_likelihood(sf, sde, x, trace="exact", rtol=tol, atol=tol, eps=eps,
+                                       integration=Integration(method=method, variable=variable))
                     rows.append((variable, method, tol, r.nfe, error_bpd(gm, sde, x, r.logp, r.latent, eps)))
         best = min((r for r in rows if r[4] <= ref_err), key=lambda r: r[3], default=None)
         for variable, method, tol, nfe, err in rows:

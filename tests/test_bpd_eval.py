@@ -1,13 +1,14 @@
 """Bits/dim evaluation at scale: summaries, exact merging, datasets on storage, and a real local Ray."""
 
 import functools
+import json
 import math
 
 import pytest
 import torch
 
 from pipeline.diffusion.elbo import eps_fn_from_score
-from pipeline.diffusion.likelihood import ode_likelihood
+from pipeline.diffusion.likelihood import Integration, ode_likelihood
 from pipeline.diffusion.schedules import DDPMSchedule
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.toy import GaussianMixture
@@ -33,6 +34,16 @@ def mixture(d: int = 3) -> GaussianMixture:
 
 def data(n: int = 10, d: int = 3) -> torch.Tensor:
     return mixture(d).sample(n, generator=torch.Generator().manual_seed(1)).double()
+
+
+def test_an_integration_option_is_used_and_recorded_as_json():
+    gm, sde, x = mixture(), VPSDE(), data(4)
+    vp = Integration(variable="vp")
+    summary = evaluate_bpd(gm.score_fn(sde), sde, x, trace="exact", integration=vp, progress=False, **FAST)
+    direct = ode_likelihood(gm.score_fn(sde), sde, x, trace="exact", integration=vp, **FAST)
+    assert summary["bpd"] == pytest.approx(float(direct.bpd.mean()), rel=1e-12)
+    recorded = json.loads(json.dumps(summary["settings"]))["integration"]
+    assert recorded == {"method": "dopri5", "variable": "vp"}
 
 
 def test_summary_matches_per_batch_likelihoods_and_the_true_density():

@@ -22,7 +22,7 @@ def _gen(seed):
 
 def test_defaults_are_the_likelihood_solver_and_tolerances():
     defaults = {k: v.default for k, v in inspect.signature(ode_likelihood).parameters.items()}
-    expected = (defaults["rtol"], defaults["atol"], defaults["eps"], defaults["method"])
+    expected = (defaults["rtol"], defaults["atol"], defaults["eps"], defaults["integration"].method)
     assert expected == (enc.RTOL, enc.ATOL, enc.EPS, enc.SOLVER)
     for fn in (encode, decode, interpolate):
         params = inspect.signature(fn).parameters

@@ -1,15 +1,17 @@
-"""`ode_likelihood(variable="vp")`: the noise-level integration meets the exact mixture density to the
-same bounds as the time integration (tests/test_likelihood.py), for VP, sub-VP and VE."""
+"""`ode_likelihood(integration=Integration(variable="vp"))`: the noise-level integration meets the exact
+mixture density to the same bounds as the time integration (tests/test_likelihood.py), for VP, sub-VP
+and VE."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline.diffusion.likelihood import ode_likelihood
+from pipeline.diffusion.likelihood import Integration, ode_likelihood
 from pipeline.diffusion.sde import VESDE, VPSDE, SubVPSDE
 from tests.test_likelihood import F64, full, mixture
 
+VP_CLOCK = Integration(variable="vp")
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": lambda: VESDE(sigma_max=200.0)}
 
 
@@ -19,7 +21,7 @@ def test_vp_clock_matches_the_mixture_density(name):
     sde = SDES[name]()
     x = gm.sample(B, generator=torch.Generator().manual_seed(1)).double()
     res = ode_likelihood(gm.score_fn(sde), sde, x, trace="exact", rtol=1e-7, atol=1e-7, eps=eps,
-                         variable="vp")
+                         integration=VP_CLOCK)
     identity = (gm.log_prob_t(x, full(B, eps), sde) - gm.log_prob_t(res.latent, full(B, sde.T), sde)
                 + sde.prior_logp(res.latent))
     assert ((res.logp - identity).abs() / d).max() < 1e-5
@@ -34,8 +36,9 @@ def test_vp_clock_matches_the_mixture_density(name):
 def test_vp_clock_with_probes_and_dequantisation_runs_and_agrees():
     gm, sde, B = mixture(d=4), VESDE(sigma_max=200.0), 5
     x = gm.sample(B, generator=torch.Generator().manual_seed(2)).double()
-    exact = ode_likelihood(gm.score_fn(sde), sde, x, trace="exact", rtol=1e-6, atol=1e-6, variable="vp")
-    est = ode_likelihood(gm.score_fn(sde), sde, x, n_probes=64, rtol=1e-6, atol=1e-6, variable="vp",
+    exact = ode_likelihood(gm.score_fn(sde), sde, x, trace="exact", rtol=1e-6, atol=1e-6,
+                           integration=VP_CLOCK)
+    est = ode_likelihood(gm.score_fn(sde), sde, x, n_probes=64, rtol=1e-6, atol=1e-6, integration=VP_CLOCK,
                          generator=torch.Generator().manual_seed(3))
     assert ((est.logp - exact.logp).abs() <= 4 * est.stderr + 1e-6).all()
     assert est.samples.shape == (B, 64) and est.nfe > 0
@@ -45,4 +48,4 @@ def test_unknown_variable_is_rejected():
     gm, sde = mixture(d=2), VPSDE()
     x = torch.zeros(2, 2, dtype=F64)
     with pytest.raises(ValueError, match="variable must be one of"):
-        ode_likelihood(gm.score_fn(sde), sde, x, variable="log_snr")
+        ode_likelihood(gm.score_fn(sde), sde, x, integration=Integration(variable="log_snr"))

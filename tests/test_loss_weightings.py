@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.losses import (
-    PARAMETERIZATIONS,
+    DSM_PARAMETERIZATIONS,
     WEIGHTINGS,
     DSMLoss,
     EDMLoss,
@@ -23,7 +23,7 @@ F64 = torch.float64
 # ---- Min-SNR-γ --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("param", PARAMETERIZATIONS)
+@pytest.mark.parametrize("param", DSM_PARAMETERIZATIONS)
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
 def test_min_snr_with_infinite_gamma_is_the_unclamped_weighting(param, sde):
     assert "min_snr" in WEIGHTINGS

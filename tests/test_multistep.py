@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion.multistep import multistep_grid, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
+from pipeline.diffusion.multistep import (
+    UniPCOptions,
+    multistep_grid,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_unipc,
+)
 from pipeline.diffusion.samplers import MULTISTEP_METHODS, sample, sample_ddim, sample_heun, sample_ode
 from pipeline.diffusion.sde import VPSDE, CosineVPSDE
 from tests.test_samplers import MIX, SDES, N, _assign, _spread, assert_reproduces_mixture
@@ -102,7 +108,8 @@ def test_unip2_bh2_without_corrector_is_dpmpp_2m(sde_name):
     """UniP-2 with B(h) = e^h − 1 and ρ = ½ is DPM-Solver++(2M) (Zhao et al. 2023, Sec. 3.2)."""
     sde = SDES[sde_name]()
     x_T = _prior(sde)
-    a = sample_unipc(MIX.score_fn(sde), sde, x_T, steps=8, order=2, variant="bh2", corrector=False)
+    a = sample_unipc(MIX.score_fn(sde), sde, x_T, steps=8,
+                     unipc=UniPCOptions(order=2, variant="bh2", corrector=False))
     b = sample_dpmpp_2m(MIX.score_fn(sde), sde, x_T, steps=8)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 

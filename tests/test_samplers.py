@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from pipeline.diffusion import samplers
+from pipeline.diffusion.chain import DDPMChain
+from pipeline.diffusion.multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
 from pipeline.diffusion.samplers import (
+    ChainOptions,
+    Churn,
+    MultistepOptions,
     ScoreCounter,
+    UniPCOptions,
     sample,
     sample_ancestral,
     sample_ddim,
@@ -191,6 +197,49 @@ def test_callback_and_progress_do_not_change_samples(method):
     # One report per step (per score evaluation for the ODE), each with the state at that point.
     assert len(seen) == (nfe if method == "ode" else steps)
     assert all(info["x"].shape == (16, 2) for info in seen)
+
+
+# method: (flat options as `sample` takes them, the sampler function, its grouped keyword arguments)
+GROUPED = {
+    "ancestral": ({"spacing": "trailing", "clip_sample": 1.5}, sample_ancestral,
+                  {"chain": ChainOptions(spacing="trailing", clip_sample=1.5)}),
+    "ddim": ({"eta": 0.5, "spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False}, sample_ddim,
+             {"eta": 0.5, "chain": ChainOptions(spacing="leading", steps_offset=1, set_alpha_to_one=False)}),
+    "heun": ({"S_churn": 5.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.01}, sample_heun,
+             {"churn": Churn(S_churn=5.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.01)}),
+    "dpmpp_2m": ({"grid": "karras", "rho": 5.0, "lower_order_final": False}, sample_dpmpp_2m,
+                 {"multistep": MultistepOptions(grid="karras", rho=5.0, lower_order_final=False)}),
+    "dpmpp_2m_sde": ({"eta": 0.5, "grid": "uniform"}, sample_dpmpp_2m_sde,
+                     {"eta": 0.5, "multistep": MultistepOptions(grid="uniform")}),
+    "unipc": ({"order": 2, "variant": "bh1", "corrector": False, "rho": 3.0, "grid": "karras"}, sample_unipc,
+              {"multistep": MultistepOptions(grid="karras", rho=3.0),
+               "unipc": UniPCOptions(order=2, variant="bh1", corrector=False)}),
+}
+
+
+@pytest.mark.parametrize("method", list(GROUPED))
+def test_flat_options_of_sample_reach_the_sampler_as_their_groups(method):
+    """`sample` takes S_churn=..., spacing=..., order=... by name and hands the sampler the same run as
+    the grouped values would; non-default values change the samples, so the options are not dropped."""
+    flat, fn, grouped = GROUPED[method]
+    sde = DDPMChain("linear", N=100) if method in ("ancestral", "ddim") else VPSDE()
+    score, steps = MIX.score_fn(sde), 10
+    x_T = sde.prior_sampling((32, 2), generator=torch.Generator().manual_seed(0)).double()
+
+    def run(**opts):
+        return sample(method, score, sde, (32, 2), steps=steps, x_T=x_T, seed=1, dtype=F64, **opts)[0]
+
+    via_sample = run(**flat)
+    with torch.no_grad():
+        direct = fn(score, sde, x_T, steps=steps, generator=torch.Generator().manual_seed(1), **grouped)
+    assert torch.equal(via_sample, direct)
+    assert (via_sample - run()).abs().max() > 1e-6
+
+
+def test_progress_bar_counts_the_steps(capsys):
+    sde = VPSDE()
+    sample("ddim", MIX.score_fn(sde), sde, (8, 2), steps=7, seed=0, progress=True)
+    assert "7/7" in capsys.readouterr().err
 
 
 def test_default_dtype_is_float32():

@@ -44,12 +44,11 @@ from torch import Tensor
 from .chain import DDPMChain
 from .dequantize import bits_per_dim, check_levels, check_on_grid, logp_offset, uniform_dequantize
 from .likelihood import check_data
-from .schedules import DDPMSchedule
+from .schedules import VARIANCES, DDPMSchedule
 from .sde import SDE, ScoreFn, expand_like
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # eps_fn(x_t, i) with i the 0-based step index [B] (long)
 
-VARIANCES: tuple[str, ...] = ("beta", "beta_tilde", "fixedlarge")
 DECODERS: tuple[str, ...] = ("discretized", "gaussian")
 
 

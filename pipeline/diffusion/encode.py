@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .likelihood import _raise_not_finite, check_data
+from .likelihood import Integration, _raise_not_finite, check_data
 from .samplers import ADAPTIVE_SOLVERS, FIXED_SOLVERS
 from .sde import SDE, ScoreFn
 
 # The likelihood's defaults (ode_likelihood's signature; a test pins that they agree).
-RTOL, ATOL, EPS, SOLVER = 1e-5, 1e-5, 1e-5, "dopri5"
+RTOL, ATOL, EPS, SOLVER = 1e-5, 1e-5, 1e-5, Integration().method
 DATA_RANGE: tuple[float, float] = (-1.0, 1.0)  # the project's image scaling
 
 

@@ -36,6 +36,16 @@ DEQUANTIZE_KEYS: tuple[str, ...] = ("levels", "draws")
 
 
 @dataclass(frozen=True)
+class Integration:
+    """How the probability-flow ODE is integrated: torchdiffeq's solver `method` (adaptive dopri5 by
+    default; the tolerances are `ode_likelihood`'s rtol/atol) and the integration `variable` (VARIABLES:
+    the SDE's own time "t" as score_sde does, or "vp", the noise level on the VP clock, `_solve_vp`)."""
+
+    method: str = "dopri5"
+    variable: str = "t"
+
+
+@dataclass(frozen=True)
 class LikelihoodResult:
     """Per-sample results of `ode_likelihood`; every tensor has the batch size as its first dim.
 
@@ -258,8 +268,9 @@ def _solve_vp(score_fn: ScoreFn, sde: SDE, x: Tensor, probes: Tensor | None, *, 
 
 def ode_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, trace: str = "hutchinson",
                    probes: str = "rademacher", n_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                   eps: float = 1e-5, method: str = "dopri5", dequantize: dict | None = None,
-                   generator: torch.Generator | None = None, variable: str = "t") -> LikelihoodResult:
+                   eps: float = 1e-5, integration: Integration = Integration(),
+                   dequantize: dict | None = None,
+                   generator: torch.Generator | None = None) -> LikelihoodResult:
     """log p(x) and bits/dim by the probability-flow ODE and the instantaneous change of variables
     (Song et al. 2021, App. D.2; Chen et al. 2018). The result is log p_eps(x): pass eps small.
 
@@ -268,11 +279,14 @@ def ode_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, trace: str = "hutc
         logp = mean_u[log p(x_deq)] + D·log(2/(L-1)),   bpd = -logp/(D ln 2)
     (derivation in `pipeline.diffusion.dequantize`).
 
-    variable="vp" integrates in the noise level on the VP clock with the state in variance-preserving
-    units (see `_solve_vp`): the same log p_eps(x), in fewer score evaluations for the same accuracy
-    (benchmarks/RESULTS.md); "t" is score_sde's integration in the SDE's own time.
+    integration=Integration(variable="vp") integrates in the noise level on the VP clock with the state
+    in variance-preserving units (see `_solve_vp`): the same log p_eps(x), in fewer score evaluations for
+    the same accuracy (benchmarks/RESULTS.md); "t" is score_sde's integration in the SDE's own time.
     """
     x = check_data(x)
+    if not isinstance(integration, Integration):
+        raise ValueError(f"integration must be an Integration(method=..., variable=...), got {integration!r}")
+    variable = integration.variable
     levels, draws = _check_options(trace, probes, n_probes, rtol, atol, eps, sde, dequantize, variable)
     if levels is not None:
         check_on_grid(x, levels)
@@ -282,7 +296,7 @@ def ode_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, trace: str = "hutc
     for _ in range(draws):
         x_in = x if levels is None else uniform_dequantize(x, levels, generator)
         v = draw_probes(probes, (P, *x.shape), x, generator) if trace == "hutchinson" else None
-        opts = dict(rtol=rtol, atol=atol, eps=eps, method=method)
+        opts = dict(rtol=rtol, atol=atol, eps=eps, method=integration.method)
         if variable == "t":
             z, integral, n = _solve(score_fn, sde, x_in, v, **opts)
         else:
@@ -311,6 +325,6 @@ def ode_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, trace: str = "hutc
 
 
 __all__ = [
-    "DEQUANTIZE_KEYS", "PROBES", "TRACES", "VARIABLES", "LikelihoodResult", "check_data", "draw_probes",
-    "exact_divergence", "hutchinson_divergence", "ode_likelihood",
+    "DEQUANTIZE_KEYS", "PROBES", "TRACES", "VARIABLES", "Integration", "LikelihoodResult", "check_data",
+    "draw_probes", "exact_divergence", "hutchinson_divergence", "ode_likelihood",
 ]

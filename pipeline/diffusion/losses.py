@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import param
 from .param import NOISE_LABELS, Net, edm_denoise, log_normal_sigma, noise_label, output_to_score
 from .sde import SDE, expand_like
 
 LOSSES: tuple[str, ...] = ("dsm", "edm", "ism", "ssm", "ssm-vr")  # the last three: score_matching.py
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score")
+# The network outputs a score-matching loss (DSM here, ISM/SSM in score_matching.py) trains: every
+# parameterisation but EDM's preconditioned denoiser, which has its own loss (EDMLoss).
+DSM_PARAMETERIZATIONS: tuple[str, ...] = tuple(p for p in param.PARAMETERIZATIONS if p != "edm")
 WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood", "min_snr")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 # Losses built elsewhere (name → builder(name, sde, **kwargs)); score_matching.py registers ism/ssm/ssm-vr.
@@ -107,7 +110,7 @@ class DSMLoss:
                  importance_sampling: bool = False, eps: float = 1e-5, noise_label_kind: str = "log_sigma",
                  reduce: str = "mean", label_dropout: float = 0.0, null_label: int | None = None,
                  min_snr_gamma: float = 5.0) -> None:
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _check_choice("parameterization", parameterization, DSM_PARAMETERIZATIONS)
         _check_choice("weighting", weighting, WEIGHTINGS)
         if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) \
                 or not min_snr_gamma > 0:  # also rejects NaN
@@ -333,5 +336,5 @@ def build_loss(name: str, sde: SDE | None = None, *, learned_uncertainty: bool =
     return UncertaintyWeightedLoss(loss) if learned_uncertainty else loss
 
 
-__all__ = ["LOSSES", "PARAMETERIZATIONS", "REDUCTIONS", "WEIGHTINGS", "DSMLoss", "EDMLoss",
+__all__ = ["DSM_PARAMETERIZATIONS", "LOSSES", "REDUCTIONS", "WEIGHTINGS", "DSMLoss", "EDMLoss",
            "UncertaintyWeightedLoss", "build_loss", "drop_labels"]

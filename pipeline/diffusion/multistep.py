@@ -7,15 +7,17 @@ so the linear part is integrated exactly and only x̂_0 is approximated, by poly
 earlier outputs (one NFE per step). Nothing here assumes VP: α, σ come from `sde.marginal_coeffs`,
 so VE (α = 1, λ = −log σ), sub-VP, cosine and the discrete chains all work.
 
-Each solver takes (score_fn, sde, x_T, *, steps, generator, noise, eps, grid, denoise, callback,
-progress) like the samplers of `samplers.py`; NFE = steps (+1 with denoise). `noise`, when given, is
-called as noise(x) in place of randn_like(x) (per-sample streams); deterministic solvers ignore both.
+Each solver takes (score_fn, sde, x_T, *, steps, generator, noise, eps, multistep, denoise, callback)
+like the samplers of `samplers.py`, with the grid options in one `MultistepOptions` (UniPC's own in
+`UniPCOptions`); NFE = steps (+1 with denoise). `noise`, when given, is called as noise(x) in place of
+randn_like(x) (per-sample streams); deterministic solvers ignore both.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,28 @@ NoiseFn = Callable[[Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 MULTISTEP_GRIDS: tuple[str, ...] = ("logsnr", "karras", "uniform")
 UNIPC_VARIANTS: tuple[str, ...] = ("bh1", "bh2")
+
+
+@dataclass(frozen=True)
+class MultistepOptions:
+    """The grid and order schedule every multistep solver here shares: `grid` kind and EDM's `rho` for
+    "karras" (see `multistep_grid`), and `lower_order_final`: lower orders at the end, on the last step
+    when steps < 15 (DPM-Solver++) or no higher than the steps left (UniPC), Lu et al.'s advice for
+    stability at few steps."""
+
+    grid: str = "logsnr"
+    rho: float = 7.0
+    lower_order_final: bool = True
+
+
+@dataclass(frozen=True)
+class UniPCOptions:
+    """UniPC's own options (Zhao et al. 2023): predictor `order` p ∈ {1, 2, 3}, the B(h) `variant`
+    ("bh1": B = h, "bh2": B = e^h − 1) and whether the UniC `corrector` runs."""
+
+    order: int = 3
+    variant: str = "bh2"
+    corrector: bool = True
 
 
 # ---- shared pieces ------------------------------------------------------------------------------------
@@ -74,14 +98,6 @@ def _draw(x: Tensor, generator: torch.Generator | None, noise: NoiseFn | None) -
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
-    if not progress:
-        return range(n)
-    from tqdm.auto import tqdm  # only when asked for: the math core does not need it otherwise
-
-    return tqdm(range(n), desc=desc)
-
-
 def _finish(score_fn: ScoreFn, sde: SDE, x: Tensor, eps: float, denoise: bool) -> Tensor:
     if not denoise:
         return x
@@ -99,41 +115,37 @@ def _emit(callback: Callback | None, i: int, t: float, x: Tensor, denoised: Tens
 
 def sample_dpmpp_2m(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                     generator: torch.Generator | None = None, noise: NoiseFn | None = None,
-                    eps: float = 1e-3, grid: str = "logsnr", rho: float = 7.0,
-                    lower_order_final: bool = True, denoise: bool = False, callback: Callback | None = None,
-                    progress: bool = False) -> Tensor:
+                    eps: float = 1e-3, multistep: MultistepOptions = MultistepOptions(),
+                    denoise: bool = False, callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): with h_i = λ_i − λ_{i−1} and r_i = h_{i−1}/h_i,
         x_i = (σ_i/σ_{i−1}) x_{i−1} + α_i (1 − e^{−h_i}) D_i,
         D_i = (1 + 1/(2r_i)) x̂_0,{i−1} − 1/(2r_i) x̂_0,{i−2}   (first step: D_1 = x̂_0,0, i.e. DDIM).
-    `lower_order_final` takes the last step at first order when steps < 15 (Lu et al.'s advice for
-    stability at few steps). Deterministic: `generator` and `noise` are accepted and unused."""
+    `multistep.lower_order_final` takes the last step at first order when steps < 15 (Lu et al.'s
+    advice for stability at few steps). Deterministic: `generator` and `noise` are accepted and unused."""
     return sample_dpmpp_2m_sde(score_fn, sde, x_T, steps=steps, generator=generator, noise=noise, eps=eps,
-                               grid=grid, rho=rho, eta=0.0, lower_order_final=lower_order_final,
-                               denoise=denoise, callback=callback, progress=progress, _desc="dpmpp_2m")
+                               multistep=multistep, eta=0.0, denoise=denoise, callback=callback)
 
 
 def sample_dpmpp_2m_sde(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                         generator: torch.Generator | None, noise: NoiseFn | None = None, eps: float = 1e-3,
-                        grid: str = "logsnr", rho: float = 7.0, eta: float = 1.0,
-                        lower_order_final: bool = True, denoise: bool = False,
-                        callback: Callback | None = None, progress: bool = False,
-                        _desc: str = "dpmpp_2m_sde") -> Tensor:
+                        multistep: MultistepOptions = MultistepOptions(), eta: float = 1.0,
+                        denoise: bool = False, callback: Callback | None = None) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, App. B, midpoint form), with ĥ = (1 + η) h:
         x_i = (σ_i/σ_{i−1}) e^{−ηh} x_{i−1} + α_i (1 − e^{−ĥ}) (x̂_0 + (x̂_0 − x̂_0,prev)/(2r))
               + σ_i √(1 − e^{−2ηh}) z.
     η = 1 is the paper's SDE solver (first order: x_i's mean and variance are exact for a point mass),
     η = 0 is DPM-Solver++(2M)."""
-    ts = multistep_grid(sde, steps, eps=eps, kind=grid, rho=rho).tolist()
+    ts = multistep_grid(sde, steps, eps=eps, kind=multistep.grid, rho=multistep.rho).tolist()
     x = x_T
     a_s, s_s, l_s = _ats(sde, ts[0])
     prev: tuple[Tensor, float] | None = None  # (x̂_0, h) of the last step
-    for i in _steps(steps, progress, _desc):
+    for i in range(steps):
         a_t, s_t, l_t = _ats(sde, ts[i + 1])
         d = _x0(score_fn, x, ts[i], a_s, s_s)
         h = l_t - l_s
         h_hat = (1 + eta) * h
         x_new = (s_t / s_s) * math.exp(-eta * h) * x + a_t * (-math.expm1(-h_hat)) * d
-        last = lower_order_final and steps < 15 and i == steps - 1
+        last = multistep.lower_order_final and steps < 15 and i == steps - 1
         if prev is not None and not last:
             r = prev[1] / h
             x_new = x_new + a_t * (-math.expm1(-h_hat)) / (2 * r) * (d - prev[0])
@@ -165,16 +177,16 @@ def _unipc_coeffs(rks: list[float], hh: float, variant: str) -> tuple[np.ndarray
 
 def sample_unipc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                  generator: torch.Generator | None = None, noise: NoiseFn | None = None, eps: float = 1e-3,
-                 grid: str = "logsnr", rho: float = 7.0, order: int = 3, variant: str = "bh2",
-                 corrector: bool = True, lower_order_final: bool = True, denoise: bool = False,
-                 callback: Callback | None = None, progress: bool = False) -> Tensor:
+                 multistep: MultistepOptions = MultistepOptions(), unipc: UniPCOptions = UniPCOptions(),
+                 denoise: bool = False, callback: Callback | None = None) -> Tensor:
     """UniPC (Zhao et al. 2023, Alg. 2–3) with data prediction: the UniP-p predictor
         x_i = (σ_i/σ_{i−1}) x_{i−1} + α_i (1 − e^{−h}) m_0 − α_i B(h) Σ_k ρ_k D_k / r_k
-    on the last `order` outputs (D_k = m_k − m_0, r_k = (λ_k − λ_{i−1})/h), then the UniC corrector,
+    on the last p = `unipc.order` outputs (D_k = m_k − m_0, r_k = (λ_k − λ_{i−1})/h), then the UniC corrector,
     which re-weights with the new output at x_i: the evaluation the next step needs anyway, so NFE
     stays one per step (no corrector after the last step). Lower orders while history builds up and,
-    with `lower_order_final`, on the last steps. Deterministic: `generator`, `noise` unused."""
-    ts = multistep_grid(sde, steps, eps=eps, kind=grid, rho=rho).tolist()
+    with `multistep.lower_order_final`, on the last steps. Deterministic: `generator`, `noise` unused."""
+    ts = multistep_grid(sde, steps, eps=eps, kind=multistep.grid, rho=multistep.rho).tolist()
+    order, variant = unipc.order, unipc.variant
     coeffs = [_ats(sde, t) for t in ts]
     hist: list[tuple[Tensor, float]] = []  # (x̂_0, λ) at the previous grid points, newest last
     x, x_prev, used = x_T, None, 1
@@ -198,18 +210,18 @@ def sample_unipc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
             res = res + rho_c[-1] * (m_t - m0)
         return x_new - a_t * B * res
 
-    for i in _steps(steps, progress, "unipc"):
+    for i in range(steps):
         a_s, s_s, l_s = coeffs[i]
         m = _x0(score_fn, x, ts[i], a_s, s_s)
-        if corrector and x_prev is not None:
+        if unipc.corrector and x_prev is not None:
             x = update(x_prev, i - 1, used, m)  # UniC on the step just taken, at no extra NFE
         hist = [*hist, (m, l_s)][-order:]
-        used = min(order, len(hist), steps - i) if lower_order_final else min(order, len(hist))
+        used = min(order, len(hist), steps - i) if multistep.lower_order_final else min(order, len(hist))
         x_prev = x
         x = update(x, i, used, None)
         _emit(callback, i, ts[i], x, m)
     return _finish(score_fn, sde, x, eps, denoise)
 
 
-__all__ = ["MULTISTEP_GRIDS", "UNIPC_VARIANTS", "multistep_grid", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-           "sample_unipc"]
+__all__ = ["MULTISTEP_GRIDS", "UNIPC_VARIANTS", "MultistepOptions", "UniPCOptions", "multistep_grid",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc"]

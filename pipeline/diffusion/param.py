@@ -16,7 +16,7 @@ x₀ = (α x_t - σ v)/(α² + σ²) and ε = (σ x_t + α v)/(α² + σ²).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -24,9 +24,9 @@ from torch import Tensor
 from .sde import SDE, ScoreFn, expand_like
 
 Parameterization = Literal["eps", "x0", "v", "score", "edm"]
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score", "edm")
+PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)  # the one list of names: the type's
 NoiseLabel = Literal["time", "log_sigma"]
-NOISE_LABELS: tuple[str, ...] = ("time", "log_sigma")
+NOISE_LABELS: tuple[str, ...] = get_args(NoiseLabel)
 
 # A network: net(x, noise_label [B], class_labels [B] long or None) -> tensor shaped like x.
 Net = Callable[..., Tensor]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,24 @@ from .sde import ScoreFn
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 NoiseSource = Callable[[Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """How a sampler walks an exact chain's integer timesteps (module doc), as diffusers' schedulers
+    name the options: which n of the N timesteps (`spacing`, None meaning "leading", and
+    `steps_offset`), x̂_0 clipped to ±`clip_sample` (None: no clipping), and DDIM's ᾱ below timestep 0
+    (1 with `set_alpha_to_one`, else ᾱ_0; ancestral steps land on the data and do not use it)."""
+
+    spacing: str | None = None
+    steps_offset: int = 0
+    clip_sample: float | None = None
+    set_alpha_to_one: bool = True
+
+    @property
+    def spacing_rule(self) -> str:
+        """The spacing in force: "leading" when none is given."""
+        return "leading" if self.spacing is None else self.spacing
 
 
 def chain_timesteps(N: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> list[int]:
@@ -57,13 +76,15 @@ def chain_timesteps(N: int, steps: int, spacing: str = "leading", steps_offset: 
     return ts
 
 
-def check_chain_options(chain: DDPMChain, steps: int, spacing: str, steps_offset: int,
-                        clip_sample: float | None) -> None:
+def check_chain_options(chain: DDPMChain, steps: int, options: ChainOptions) -> None:
     """ValueError for bad respacing options, before any score is evaluated."""
-    chain_timesteps(chain.N, steps, spacing, steps_offset)
-    if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
+    chain_timesteps(chain.N, steps, options.spacing_rule, options.steps_offset)
+    clip = options.clip_sample
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
         raise ValueError(f"clip_sample must be None or a positive range (x̂_0 clipped to ±range), "
-                         f"got {clip_sample!r}")
+                         f"got {clip!r}")
+    if not isinstance(options.set_alpha_to_one, bool):
+        raise ValueError(f"set_alpha_to_one must be a bool, got {options.set_alpha_to_one!r}")
 
 
 def draw_noise(x: Tensor, generator: torch.Generator | None, noise: NoiseSource | None = None) -> Tensor:
@@ -92,14 +113,14 @@ def _eps_and_x0(score_fn: ScoreFn, chain: DDPMChain, x: Tensor, tau: int,
 
 def sample_chain_ancestral(score_fn: ScoreFn, chain: DDPMChain, x_T: Tensor, *, steps: int,
                            generator: torch.Generator | None = None, noise: NoiseSource | None = None,
-                           variance: str = "beta_tilde", spacing: str = "leading", steps_offset: int = 0,
-                           clip_sample: float | None = None, callback: Callback | None = None) -> Tensor:
+                           variance: str = "beta_tilde", options: ChainOptions = ChainOptions(),
+                           callback: Callback | None = None) -> Tensor:
     """Ancestral sampling on the chain's respaced timesteps (Ho et al. 2020, Alg. 2; module doc)."""
-    ts = chain_timesteps(chain.N, steps, spacing, steps_offset)
+    ts = chain_timesteps(chain.N, steps, options.spacing_rule, options.steps_offset)
     x = x_T
     for k, tau in enumerate(ts):
         prev = ts[k + 1] if k + 1 < len(ts) else -1
-        _, x0, ab = _eps_and_x0(score_fn, chain, x, tau, clip_sample)
+        _, x0, ab = _eps_and_x0(score_fn, chain, x, tau, options.clip_sample)
         ab_prev = float(chain.alphas_cumprod[prev]) if prev >= 0 else 1.0
         a_step = ab / ab_prev
         b_step = 1 - a_step
@@ -117,17 +138,16 @@ def sample_chain_ancestral(score_fn: ScoreFn, chain: DDPMChain, x_T: Tensor, *, 
 
 def sample_chain_ddim(score_fn: ScoreFn, chain: DDPMChain, x_T: Tensor, *, steps: int,
                       generator: torch.Generator | None = None, noise: NoiseSource | None = None,
-                      eta: float = 0.0, spacing: str = "leading", steps_offset: int = 0,
-                      set_alpha_to_one: bool = True, clip_sample: float | None = None,
+                      eta: float = 0.0, options: ChainOptions = ChainOptions(),
                       callback: Callback | None = None) -> Tensor:
     """DDIM on the chain's respaced timesteps (Song, Meng & Ermon 2021, eq. 12; module doc)."""
-    ts = chain_timesteps(chain.N, steps, spacing, steps_offset)
+    ts = chain_timesteps(chain.N, steps, options.spacing_rule, options.steps_offset)
     stride = chain.N // steps
-    final = 1.0 if set_alpha_to_one else float(chain.alphas_cumprod[0])
+    final = 1.0 if options.set_alpha_to_one else float(chain.alphas_cumprod[0])
     x = x_T
     for k, tau in enumerate(ts):
         prev = tau - stride
-        eps_hat, x0, ab = _eps_and_x0(score_fn, chain, x, tau, clip_sample)
+        eps_hat, x0, ab = _eps_and_x0(score_fn, chain, x, tau, options.clip_sample)
         ab_prev = float(chain.alphas_cumprod[prev]) if prev >= 0 else final
         var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         sigma_eta = eta * math.sqrt(max(var, 0.0))
@@ -140,6 +160,6 @@ def sample_chain_ddim(score_fn: ScoreFn, chain: DDPMChain, x_T: Tensor, *, steps
 
 
 __all__ = [
-    "SPACINGS", "chain_timesteps", "check_chain_options", "draw_noise", "sample_chain_ancestral",
-    "sample_chain_ddim",
+    "SPACINGS", "ChainOptions", "chain_timesteps", "check_chain_options", "draw_noise",
+    "sample_chain_ancestral", "sample_chain_ddim",
 ]

@@ -8,7 +8,10 @@ moves by its exact transition x_t = α_{t|s} x_s + σ_{t|s} z with
 and Tweedie's formula gives the posterior mean of x_0: x̂_0 = (x_t + σ_t² ∇log p_t(x_t)) / α_t.
 
 Each sampler takes (score_fn, sde, x_T, *, steps, generator, noise, ..., callback) and returns the
-sample; `sample` draws x_T from the prior (or takes the x_T it is given), counts score evaluations
+sample; options that travel together are one small frozen value (`ChainOptions` for an exact chain's
+timesteps, `Churn` for EDM's stochasticity, `MultistepOptions`/`UniPCOptions` for the multistep solvers).
+`sample` takes every option by its flat name, builds those values, draws x_T from the prior (or takes
+the x_T it is given), shows progress from the `callback` events when asked, counts score evaluations
 (NFE) and returns both. Every in-trajectory normal draw goes through one noise source: a callable
 `noise(x) -> Tensor` shaped like x in EDM's manner (`randn_like`), or else the torch.Generator passed
 in, so a seed fixes the result. `per_sample_noise` and `per_sample_prior` give each sample its own
@@ -17,8 +20,10 @@ generator, so that sample k regenerated alone equals row k of a batch run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,9 +31,16 @@ from torch import Tensor
 
 from . import multistep
 from .chain import DDPMChain
-from .multistep import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
-from .respace import SPACINGS, check_chain_options, draw_noise, sample_chain_ancestral, sample_chain_ddim
-from .schedules import time_grid
+from .multistep import MultistepOptions, UniPCOptions, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
+from .respace import (
+    SPACINGS,
+    ChainOptions,
+    check_chain_options,
+    draw_noise,
+    sample_chain_ancestral,
+    sample_chain_ddim,
+)
+from .schedules import SAMPLER_VARIANCES, time_grid
 from .sde import SDE, VESDE, ScoreFn, expand_like
 
 Callback = Callable[[dict[str, Any]], None]
@@ -36,9 +48,9 @@ NoiseFn = Callable[[Tensor], Tensor]  # randn_like(x): a standard normal draw wi
 
 ADAPTIVE_SOLVERS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun2", "heun3", "rk4")
-VARIANCES: tuple[str, ...] = ("beta", "beta_tilde")
 GRIDS: tuple[str, ...] = ("uniform", "karras")
 SNR_NORMS: tuple[str, ...] = ("batch", "sample")
+_CHAIN_DEFAULTS = ChainOptions()  # the default of the samplers' `chain` (one shared immutable value)
 
 
 class ScoreCounter:
@@ -100,14 +112,6 @@ def per_sample_prior(sde: SDE, shape: Sequence[int], generators: Sequence[torch.
     return x if dtype is None else x.to(dtype)
 
 
-def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
-    if not progress:
-        return range(n)
-    from tqdm.auto import tqdm  # only when asked for: the math core does not need it otherwise
-
-    return tqdm(range(n), desc=desc)
-
-
 def _tweedie(score_fn: ScoreFn, sde: SDE, x: Tensor, t: float) -> Tensor:
     """x̂_0 = E[x_0 | x_t] = (x_t + σ_t² ∇log p_t(x_t)) / α_t (Tweedie's formula); one NFE."""
     alpha, sigma = _coeffs(sde, t)
@@ -134,9 +138,8 @@ def _emit(callback: Callback | None, i: int, t: float, x: Tensor, denoised: Tens
 def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                      generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                      eps: float = 1e-3, variance: str = "beta_tilde", grid: str = "uniform",
-                     denoise: bool = True, callback: Callback | None = None, progress: bool = False,
-                     spacing: str | None = None, steps_offset: int = 0,
-                     clip_sample: float | None = None) -> Tensor:
+                     denoise: bool = True, callback: Callback | None = None,
+                     chain: ChainOptions = _CHAIN_DEFAULTS) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2; SMLD: Song et al. 2021, App. F, eq. 47).
 
     Each step samples q(x_s | x_t, x̂_0) with the exact transition of the process between grid times,
@@ -146,18 +149,17 @@ def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
     with ε̂ = −σ_t score; for VE it is eq. 47. sub-VP gets the same posterior of its own Gaussian
     transition (the SDE is linear, so that transition is exact; no DDPM chain is assumed).
 
-    On an exact chain (`DDPMChain`) the steps run on its integer timesteps instead: `spacing`
-    ("leading" by default, "trailing", "linspace"), `steps_offset` and `clip_sample` as in
-    `respace.sample_chain_ancestral`; the last step lands on x_0 itself, so eps, grid and denoise
+    On an exact chain (`DDPMChain`) the steps run on its integer timesteps instead, as `chain` says
+    (spacing "leading" by default, "trailing", "linspace"; steps_offset; clip_sample; see
+    `respace.sample_chain_ancestral`); the last step lands on x_0 itself, so eps, grid and denoise
     have no role there.
     """
     if isinstance(sde, DDPMChain):
         return sample_chain_ancestral(score_fn, sde, x_T, steps=steps, generator=generator, noise=noise,
-                                      variance=variance, spacing=spacing or "leading",
-                                      steps_offset=steps_offset, clip_sample=clip_sample, callback=callback)
+                                      variance=variance, options=chain, callback=callback)
     ts = time_grid(sde, steps, eps=eps, kind=grid).tolist()
     x = x_T
-    for i in _steps(steps, progress, "ancestral"):
+    for i in range(steps):
         t, s = ts[i], ts[i + 1]
         _, s_s, s_t, a_ts, var_ts = _transition(sde, t, s)
         score = score_fn(x, _vec(t, x))
@@ -173,27 +175,23 @@ def sample_ancestral(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                 generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                 eps: float = 1e-3, eta: float = 0.0, grid: str = "uniform", denoise: bool = True,
-                callback: Callback | None = None, progress: bool = False, spacing: str | None = None,
-                steps_offset: int = 0, set_alpha_to_one: bool = True,
-                clip_sample: float | None = None) -> Tensor:
+                callback: Callback | None = None, chain: ChainOptions = _CHAIN_DEFAULTS) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) in (α, σ) form:
     x_s = α_s x̂_0 + √(σ_s² − σ_η²) ε̂ + σ_η z,  σ_η = η √(σ_{t|s}² σ_s²/σ_t²) (eq. 16).
 
     η = 0 is deterministic (Euler on the probability-flow ODE in σ̃ = σ/α); η = 1 is ancestral
     sampling with the posterior variance β̃.
 
-    On an exact chain (`DDPMChain`) the steps run on its integer timesteps: `spacing`, `steps_offset`,
-    `set_alpha_to_one` (ᾱ = 1 below timestep 0, else ᾱ_0) and `clip_sample` as in
-    `respace.sample_chain_ddim`.
+    On an exact chain (`DDPMChain`) the steps run on its integer timesteps, as `chain` says (spacing,
+    steps_offset, set_alpha_to_one: ᾱ = 1 below timestep 0, else ᾱ_0; clip_sample; see
+    `respace.sample_chain_ddim`).
     """
     if isinstance(sde, DDPMChain):
         return sample_chain_ddim(score_fn, sde, x_T, steps=steps, generator=generator, noise=noise, eta=eta,
-                                 spacing=spacing or "leading", steps_offset=steps_offset,
-                                 set_alpha_to_one=set_alpha_to_one, clip_sample=clip_sample,
-                                 callback=callback)
+                                 options=chain, callback=callback)
     ts = time_grid(sde, steps, eps=eps, kind=grid).tolist()
     x = x_T
-    for i in _steps(steps, progress, "ddim"):
+    for i in range(steps):
         t, s = ts[i], ts[i + 1]
         a_s, s_s, s_t, _, var_ts = _transition(sde, t, s)
         a_t = float(_coeffs(sde, t)[0])
@@ -213,14 +211,14 @@ def sample_ddim(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 
 def sample_euler_maruyama(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                           generator: torch.Generator | None = None, noise: NoiseFn | None = None,
-                          eps: float = 1e-3, denoise: bool = True, callback: Callback | None = None,
-                          progress: bool = False) -> Tensor:
+                          eps: float = 1e-3, denoise: bool = True,
+                          callback: Callback | None = None) -> Tensor:
     """Euler–Maruyama on the reverse SDE dx = [f − g² ∇log p_t] dt + g dw̄ (Song et al. 2021, eq. 6),
     uniform grid from T to eps."""
     ts = time_grid(sde, steps, eps=eps).tolist()
     rsde = sde.reverse(score_fn)
     x = x_T
-    for i in _steps(steps, progress, "euler_maruyama"):
+    for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]  # dt < 0: time runs backwards
         drift, diffusion = rsde.sde(x, _vec(t, x))
         x = x + drift * dt + expand_like(diffusion, x) * math.sqrt(-dt) * _noise(x, generator, noise)
@@ -254,7 +252,7 @@ def _langevin_alpha(chain: SDE, t: Tensor) -> Tensor:
 def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
               generator: torch.Generator | None = None, noise: NoiseFn | None = None, eps: float = 1e-3,
               snr: float = 0.16, n_corrector: int = 1, snr_norm: str = "batch", denoise: bool = True,
-              callback: Callback | None = None, progress: bool = False) -> Tensor:
+              callback: Callback | None = None) -> Tensor:
     """Predictor–corrector sampling (Song et al. 2021, Alg. 2/3, as score_sde's `pc_sampler`).
 
     The process is discretised into its own `steps`-step chain (DDPM chain for VP, SMLD ladder for VE,
@@ -270,7 +268,7 @@ def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
     rsde = chain.reverse(score_fn)
     ts = time_grid(sde, steps - 1, eps=eps).tolist() if steps > 1 else [sde.T]
     x = x_mean = x_T
-    for i in _steps(steps, progress, "pc"):
+    for i in range(steps):
         t = _vec(ts[i], x)
         alpha = expand_like(_langevin_alpha(chain, t), x) if n_corrector else None
         for _ in range(n_corrector):
@@ -294,8 +292,7 @@ def sample_pc(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 def sample_annealed_langevin(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                              generator: torch.Generator | None = None, noise: NoiseFn | None = None,
                              eps: float = 1e-3, n_steps_each: int = 100, step_lr: float = 2e-5,
-                             denoise: bool = True, callback: Callback | None = None,
-                             progress: bool = False) -> Tensor:
+                             denoise: bool = True, callback: Callback | None = None) -> Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1) on the VE process.
 
     `steps` = L noise levels σ_1 > … > σ_L, geometric between σ(T) and σ(eps) (NCSN's ladder, which is
@@ -309,7 +306,7 @@ def sample_annealed_langevin(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps:
     sigmas = sde.edm_sigma(ts)  # VE: σ̃ = σ
     sigma_L = float(sigmas[-1])
     x = x_T
-    for i in _steps(steps, progress, "annealed_langevin"):
+    for i in range(steps):
         t = _vec(sde.edm_sigma_inv(sigmas[i : i + 1]).item(), x)
         step = step_lr * float(sigmas[i]) ** 2 / sigma_L**2
         for _ in range(n_steps_each):
@@ -323,7 +320,7 @@ def sample_annealed_langevin(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps:
 
 def sample_ode(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, eps: float = 1e-3,
                solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, denoise: bool = False,
-               callback: Callback | None = None, progress: bool = False) -> Tensor:
+               callback: Callback | None = None) -> Tensor:
     """Probability-flow ODE dx/dt = f − ½ g² ∇log p_t (Song et al. 2021, eq. 13) from T to eps with
     torchdiffeq. Adaptive solvers (dopri5, …) ignore `steps` and stop at rtol/atol; fixed-step solvers
     (euler, rk4, …) take `steps` uniform steps."""
@@ -331,18 +328,11 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, eps: flo
 
     rsde = sde.reverse(score_fn, probability_flow=True)
     calls = [0]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # only when asked for, as in _steps
-
-        bar = tqdm(desc=f"ode ({solver})", unit="nfe")
 
     def rhs(t: Tensor, x: Tensor) -> Tensor:
         calls[0] += 1
         drift = rsde.sde(x, t.to(x.dtype).reshape(1).expand(x.shape[0]))[0]
-        _emit(callback, calls[0], float(t), x, None)
-        if bar is not None:
-            bar.update(1)
+        _emit(callback, calls[0], float(t), x, None)  # one event per drift evaluation
         return drift
 
     if solver in ADAPTIVE_SOLVERS:
@@ -353,17 +343,26 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int, eps: flo
     # process's coefficients (and a network's inputs) are invalid, so force a step to end at eps.
     options = {"step_t": grid[-1:]} if solver in ADAPTIVE_SOLVERS else None
     x = odeint(rhs, x_T, grid, method=solver, rtol=rtol, atol=atol, options=options)[-1]
-    if bar is not None:
-        bar.close()
     return _tweedie(score_fn, sde, x, eps) if denoise else x
+
+
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochasticity (Karras et al. 2022, Alg. 2): while S_tmin ≤ σ̃ ≤ S_tmax, each step first
+    raises the noise level by γ = min(S_churn/steps, √2 − 1) with fresh noise scaled by S_noise.
+    S_churn = 0 (the default) is the deterministic Alg. 1."""
+
+    S_churn: float = 0.0
+    S_tmin: float = 0.0
+    S_tmax: float = float("inf")
+    S_noise: float = 1.0
 
 
 def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
                 generator: torch.Generator | None = None, noise: NoiseFn | None = None,
-                eps: float = 1e-3, rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0,
-                S_tmax: float = float("inf"), S_noise: float = 1.0, denoise: bool = False,
-                callback: Callback | None = None, progress: bool = False) -> Tensor:
-    """EDM's sampler (Karras et al. 2022, Alg. 1; Alg. 2 with S_churn > 0) on x̃ = x/α, σ̃ = σ/α.
+                eps: float = 1e-3, rho: float = 7.0, churn: Churn = Churn(), denoise: bool = False,
+                callback: Callback | None = None) -> Tensor:
+    """EDM's sampler (Karras et al. 2022, Alg. 1; Alg. 2 with churn.S_churn > 0) on x̃ = x/α, σ̃ = σ/α.
 
     There the PF-ODE is dx̃/dσ̃ = −σ̃ ∇log p(x̃; σ̃) = (x̃ − D(x̃; σ̃))/σ̃ with the denoiser
     D = x̃ + σ̃² α ∇_x log p_t(α x̃) (Tweedie in x̃; ∇_x̃ = α ∇_x). Heun steps over the ρ-spaced grid,
@@ -381,12 +380,13 @@ def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
         return x_tilde + sigma**2 * alpha * score_fn(alpha * x_tilde, _vec(t, x_tilde))
 
     x = x_T / alpha_T
-    for i in _steps(steps, progress, "heun"):
+    for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(S_churn / steps, math.sqrt(2) - 1) if S_tmin <= sigma <= S_tmax else 0.0
+        in_range = churn.S_tmin <= sigma <= churn.S_tmax
+        gamma = min(churn.S_churn / steps, math.sqrt(2) - 1) if in_range else 0.0
         sigma_hat = min(sigma * (1 + gamma), sigma_T)
         if sigma_hat > sigma:  # Alg. 2, lines 5–6: raise the noise level to σ̂ by adding fresh noise
-            x = x + math.sqrt(sigma_hat**2 - sigma**2) * S_noise * _noise(x, generator, noise)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * churn.S_noise * _noise(x, generator, noise)
         D = denoiser(x, sigma_hat)
         d = (x - D) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
@@ -401,25 +401,35 @@ def sample_heun(score_fn: ScoreFn, sde: SDE, x_T: Tensor, *, steps: int,
 
 # ---- dispatcher -------------------------------------------------------------------------------------
 
+def _flat(group: type, *, without: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A group's fields as flat options of `sample`, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(group) if f.name not in without}
+
+
 _COMMON: dict[str, Any] = {"eps": 1e-3, "progress": False, "callback": None, "dtype": torch.float32}
 _METHODS: dict[str, tuple[Callable[..., Tensor], dict[str, Any]]] = {
+    # set_alpha_to_one is DDIM's: ancestral steps land on the data.
     "ancestral": (sample_ancestral, {"denoise": True, "variance": "beta_tilde", "grid": "uniform",
-                                     "spacing": None, "steps_offset": 0, "clip_sample": None}),
-    "ddim": (sample_ddim, {"denoise": True, "eta": 0.0, "grid": "uniform", "spacing": None, "steps_offset": 0,
-                           "set_alpha_to_one": True, "clip_sample": None}),
+                                     **_flat(ChainOptions, without=("set_alpha_to_one",))}),
+    "ddim": (sample_ddim, {"denoise": True, "eta": 0.0, "grid": "uniform", **_flat(ChainOptions)}),
     "euler_maruyama": (sample_euler_maruyama, {"denoise": True}),
     "pc": (sample_pc, {"denoise": True, "snr": 0.16, "n_corrector": 1, "snr_norm": "batch"}),
     "annealed_langevin": (sample_annealed_langevin, {"denoise": True, "n_steps_each": 100, "step_lr": 2e-5}),
     "ode": (sample_ode, {"denoise": False, "solver": "dopri5", "rtol": 1e-5, "atol": 1e-5}),
-    "heun": (sample_heun, {"denoise": False, "rho": 7.0, "S_churn": 0.0, "S_tmin": 0.0,
-                           "S_tmax": float("inf"), "S_noise": 1.0}),
+    "heun": (sample_heun, {"denoise": False, "rho": 7.0, **_flat(Churn)}),
     # Fast multistep solvers in log-SNR form (multistep.py).
-    "dpmpp_2m": (sample_dpmpp_2m, {"denoise": False, "grid": "logsnr", "rho": 7.0,
-                                   "lower_order_final": True}),
-    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, {"denoise": False, "grid": "logsnr", "rho": 7.0, "eta": 1.0,
-                                           "lower_order_final": True}),
-    "unipc": (sample_unipc, {"denoise": False, "grid": "logsnr", "rho": 7.0, "order": 3, "variant": "bh2",
-                             "corrector": True, "lower_order_final": True}),
+    "dpmpp_2m": (sample_dpmpp_2m, {"denoise": False, **_flat(MultistepOptions)}),
+    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, {"denoise": False, "eta": 1.0, **_flat(MultistepOptions)}),
+    "unipc": (sample_unipc, {"denoise": False, **_flat(MultistepOptions), **_flat(UniPCOptions)}),
+}
+# The flat options each method gathers into one value: (the sampler's parameter, the value's class).
+_GROUPS: dict[str, tuple[tuple[str, type], ...]] = {
+    "ancestral": (("chain", ChainOptions),),
+    "ddim": (("chain", ChainOptions),),
+    "heun": (("churn", Churn),),
+    "dpmpp_2m": (("multistep", MultistepOptions),),
+    "dpmpp_2m_sde": (("multistep", MultistepOptions),),
+    "unipc": (("multistep", MultistepOptions), ("unipc", UniPCOptions)),
 }
 METHODS: tuple[str, ...] = tuple(_METHODS)
 MULTISTEP_METHODS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
@@ -439,16 +449,13 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 def _check_spacing(sde: SDE, steps: int, opts: dict[str, Any]) -> None:
     """Respacing options exist only on an exact chain, where they are checked against its N."""
+    defaults = _flat(ChainOptions)
     if isinstance(sde, DDPMChain):
-        spacing = "leading" if opts["spacing"] is None else opts["spacing"]
-        check_chain_options(sde, steps, spacing, opts["steps_offset"], opts["clip_sample"])
-        _require(isinstance(opts.get("set_alpha_to_one", True), bool), "set_alpha_to_one",
-                 opts.get("set_alpha_to_one"), "a bool")
+        check_chain_options(sde, steps, ChainOptions(**{k: opts[k] for k in defaults if k in opts}))
         return
     _require(opts["spacing"] is None or opts["spacing"] in SPACINGS, "spacing", opts["spacing"],
              f"None or one of {SPACINGS}")
-    for key, default in (("spacing", None), ("steps_offset", 0), ("set_alpha_to_one", True),
-                         ("clip_sample", None)):
+    for key, default in defaults.items():
         if key in opts and opts[key] != default:
             raise ValueError(f"{key} is an option of sampling an exact discrete chain (sde 'ddpm-chain'), "
                              f"not of {type(sde).__name__}; got {key}={opts[key]!r}")
@@ -465,7 +472,8 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
     _require(opts["callback"] is None or callable(opts["callback"]), "callback", opts["callback"],
              "None or a callable")
     if "variance" in opts:
-        _require(opts["variance"] in VARIANCES, "variance", opts["variance"], f"one of {VARIANCES}")
+        _require(opts["variance"] in SAMPLER_VARIANCES, "variance", opts["variance"],
+                 f"one of {SAMPLER_VARIANCES}")
     if "grid" in opts:
         grids = multistep.MULTISTEP_GRIDS if method in MULTISTEP_METHODS else GRIDS
         _require(opts["grid"] in grids, "grid", opts["grid"], f"one of {grids}")
@@ -509,6 +517,35 @@ def check_options(method: str, sde: SDE, steps: int, opts: dict[str, Any]) -> No
             _require(isinstance(opts[key], num) and opts[key] >= 0, key, opts[key], ">= 0")
 
 
+def _grouped(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `method`'s sampler from flat options: each group of options becomes its
+    one value (`_GROUPS`), a group's options not given keep that value's defaults."""
+    out = dict(opts)
+    for param, group in _GROUPS.get(method, ()):
+        names = [f.name for f in dataclasses.fields(group)]
+        out[param] = group(**{k: out.pop(k) for k in names if k in out})
+    return out
+
+
+def _progress(method: str, steps: int, opts: dict[str, Any]) -> tuple[Callback, Any]:
+    """A callback that advances a progress bar by one per event of the sampler (one per step; for
+    `ode`, one per drift evaluation, with no known total) before calling the caller's callback."""
+    from tqdm.auto import tqdm  # only when asked for: the math core does not need it otherwise
+
+    user = opts["callback"]
+    if method == "ode":
+        bar = tqdm(desc=f"ode ({opts['solver']})", unit="nfe")
+    else:
+        bar = tqdm(total=steps, desc=method)
+
+    def on_event(event: dict[str, Any]) -> None:
+        bar.update(1)
+        if user is not None:
+            user(event)
+
+    return on_event, bar
+
+
 def draws_noise(method: str, options: dict[str, Any] | None = None) -> bool:
     """Whether `method` with these options (defaults filled in) makes any in-trajectory normal draw: a
     sampler that makes none is deterministic given x_T."""
@@ -533,10 +570,12 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
     `sample(seed=s)` equals `sample(x_T=prior draw, noise=randn_like on that generator)`. `seed` is
     needed unless x_T is given and the method draws no noise or `noise` is given.
 
-    Options common to all methods: eps (end time, 1e-3), dtype (float32), progress, callback, denoise
-    (a final Tweedie step at eps; default True for ancestral/ddim/euler_maruyama/pc/annealed_langevin,
-    False for ode/heun). Per method, see `allowed_options(method)`; for `ode`, `steps` is used only by
-    the fixed-step solvers.
+    Options common to all methods: eps (end time, 1e-3), dtype (float32), progress (a bar driven by the
+    callback events), callback, denoise (a final Tweedie step at eps; default True for
+    ancestral/ddim/euler_maruyama/pc/annealed_langevin, False for ode/heun). Per method, see
+    `allowed_options(method)`; every option is given by its flat name (S_churn=..., spacing=...,
+    order=...) and gathered here into the sampler's option values (ChainOptions, Churn,
+    MultistepOptions, UniPCOptions). For `ode`, `steps` is used only by the fixed-step solvers.
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -574,15 +613,23 @@ def sample(method: str, /, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], 
     counter = ScoreCounter(score_fn)
     if method != "ode":
         opts["generator"], opts["noise"] = generator, noise
-    # No graph through the network: sampling memory stays flat in the number of steps. Classifier
-    # guidance re-enables gradients for its own input gradient.
-    with torch.no_grad():
-        x = fn(counter, sde, x_T, steps=steps, **opts)
+    bar = None
+    if opts.pop("progress"):
+        opts["callback"], bar = _progress(method, steps, opts)
+    try:
+        # No graph through the network: sampling memory stays flat in the number of steps. Classifier
+        # guidance re-enables gradients for its own input gradient.
+        with torch.no_grad():
+            x = fn(counter, sde, x_T, steps=steps, **_grouped(method, opts))
+    finally:
+        if bar is not None:
+            bar.close()
     return x, counter.nfe
 
 
 __all__ = [
-    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "MULTISTEP_METHODS", "NoiseFn", "ScoreCounter",
+    "ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "METHODS", "MULTISTEP_METHODS", "SAMPLER_VARIANCES", "ChainOptions",
+    "Churn", "MultistepOptions", "NoiseFn", "ScoreCounter", "UniPCOptions",
     "allowed_options", "check_options", "draws_noise", "per_sample_noise", "per_sample_prior", "sample",
     "sample_ancestral", "sample_annealed_langevin", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "sample_euler_maruyama", "sample_heun", "sample_ode", "sample_pc", "sample_unipc",

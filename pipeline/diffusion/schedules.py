@@ -18,6 +18,13 @@ from torch import Tensor
 
 from .sde import SDE, VPSDE, CosineVPSDE, expand_like
 
+# The fixed reverse-step variances σ_t² of a DDPM chain (Ho et al. 2020, Sec. 3.2): β_t ("beta"), the
+# posterior's β̃_t ("beta_tilde"), or the DDPM code's table [β̃_2, β_2, …, β_N] ("fixedlarge", kept to
+# reproduce its bits/dim; `elbo.ddpm_elbo`).
+VARIANCES: tuple[str, ...] = ("beta", "beta_tilde", "fixedlarge")
+# What a sampler's step can use on any grid: "fixedlarge" is a per-timestep table of one whole chain.
+SAMPLER_VARIANCES: tuple[str, ...] = tuple(v for v in VARIANCES if v != "fixedlarge")
+
 
 def linear_betas(N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Ho et al. 2020, Sec. 4: β_1 = 1e-4 … β_T = 0.02, linear, float64."""

@@ -34,12 +34,20 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .likelihood import PROBES, draw_probes
-from .losses import LOSS_BUILDERS, _check_batch, _check_choice, _check_dropout, _compute_dtype, drop_labels
+from .losses import (
+    DSM_PARAMETERIZATIONS,
+    LOSS_BUILDERS,
+    REDUCTIONS,
+    _check_batch,
+    _check_choice,
+    _check_dropout,
+    _compute_dtype,
+    drop_labels,
+)
 from .param import NOISE_LABELS, Net, noise_label, output_to_score
 from .sde import SDE, expand_like
 
 SCORE_MATCHING_LOSSES: tuple[str, ...] = ("ism", "ssm", "ssm-vr")
-SM_PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "score")
 # The exact Jacobian trace takes one backward pass per data dimension (and a second-order graph through
 # each): beyond this it is the slowest part of training by far and SSM is the estimator to use.
 ISM_MAX_DIM = 64
@@ -81,10 +89,10 @@ class ScoreMatchingLoss:
                  n_projections: int = 1, noise_label_kind: str = "log_sigma", reduce: str = "mean",
                  label_dropout: float = 0.0, null_label: int | None = None) -> None:
         _check_choice("loss name", kind, SCORE_MATCHING_LOSSES)
-        _check_choice("parameterization", parameterization, SM_PARAMETERIZATIONS)
+        _check_choice("parameterization", parameterization, DSM_PARAMETERIZATIONS)
         _check_choice("projections", projections, PROBES)
         _check_choice("noise_label_kind", noise_label_kind, NOISE_LABELS)
-        _check_choice("reduce", reduce, ("mean", "sum"))
+        _check_choice("reduce", reduce, REDUCTIONS)
         _check_dropout(label_dropout, null_label)
         if not (0.0 < eps < sde.T):
             raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
@@ -174,5 +182,5 @@ def build_score_matching_loss(name: str, sde: SDE | None = None, **kwargs) -> Sc
 
 LOSS_BUILDERS.update(dict.fromkeys(SCORE_MATCHING_LOSSES, build_score_matching_loss))
 
-__all__ = ["ISM_MAX_DIM", "SCORE_MATCHING_LOSSES", "SM_PARAMETERIZATIONS", "ScoreMatchingLoss",
+__all__ = ["ISM_MAX_DIM", "SCORE_MATCHING_LOSSES", "ScoreMatchingLoss",
            "build_score_matching_loss"]

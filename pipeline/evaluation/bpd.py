@@ -12,6 +12,7 @@ Randomness (probes, dequantisation, noise draws) comes from one generator per ba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -158,7 +159,12 @@ def merge_summaries(summaries: Sequence[dict], *, seconds: float | None = None) 
 
 
 def _settings(sde: SDE | None, batch_size: int, seed: int, options: dict, **extra: Any) -> dict:
-    safe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in options.items()}
+    def plain(v: Any) -> Any:  # JSON-able: dicts copied, option groups (likelihood.Integration) as fields
+        if isinstance(v, dict):
+            return dict(v)
+        return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+
+    safe = {k: plain(v) for k, v in options.items()}
     return {"sde": sde.config() if sde is not None else None, "batch_size": batch_size, "seed": seed,
             **extra, **safe}
 

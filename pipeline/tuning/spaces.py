@@ -11,14 +11,14 @@ over the dimensions
     beta_min, beta_max      β(t) range of vp and subvp (Song et al. 2021, eq. 11–12)
     sigma_min, sigma_max    σ(t) range of ve (eq. 9)
     cosine_s                s of the cosine schedule (Nichol & Dhariwal 2021, eq. 17)
-    weighting   simple | sigma2 | likelihood | likelihood-is | edm
+    weighting   simple | sigma2 | likelihood | min_snr | likelihood-is | edm
 A dimension that does not apply to a trial's SDE is ignored by it (β for ve, σ for vp).
 
 "ddpm-linear" is DDPM's discrete chain β_i ∈ [1e-4, 0.02] over N = 1000 steps (Ho et al. 2020), whose
 continuous limit is VPSDE(0.1, 20) (`DDPMSchedule.linear().vp_sde()`); "ddpm-cosine" is the cosine
 chain's continuous process `CosineVPSDE(s)`. Weightings map onto `losses.py`: DSM with λ = 1 on the
 network's own target ("simple"), λ = σ² ("sigma2"), λ = g² ("likelihood", with importance-sampled t for
-"likelihood-is"), or EDM's loss and preconditioning ("edm").
+"likelihood-is"), Min-SNR-γ ("min_snr"), or EDM's loss and preconditioning ("edm").
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import TrainConfig
+from ..diffusion.chain import CHAIN_SCHEDULES
+from ..diffusion.losses import WEIGHTINGS
+from ..diffusion.sde import SDES
 
-SDES: tuple[str, ...] = ("vp", "subvp", "ve", "ddpm-linear", "ddpm-cosine")
-WEIGHTINGS: tuple[str, ...] = ("simple", "sigma2", "likelihood", "likelihood-is", "edm")
+# The search's process names: the processes of `sde.SDES` whose parameters are dimensions here (β range:
+# vp, subvp; σ range: ve), and DDPM's named chain schedules searched through their continuous processes.
+SEARCH_SDES: tuple[str, ...] = (*(n for n in SDES if n in ("vp", "subvp", "ve")),
+                                *(f"ddpm-{s}" for s in CHAIN_SCHEDULES if s in ("linear", "cosine")))
+# DSM's weightings, DSM's likelihood weighting with importance-sampled t, and EDM's loss.
+SEARCH_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "likelihood-is", "edm")
 NUMERIC: dict[str, tuple[float, float]] = {  # default, and the strict lower bound
     "beta_min": (0.1, 0.0),
     "beta_max": (20.0, 0.0),
@@ -42,8 +49,8 @@ NUMERIC: dict[str, tuple[float, float]] = {  # default, and the strict lower bou
     "cosine_s": (0.008, 0.0),
 }
 CATEGORICAL: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sde": ("vp", SDES),
-    "weighting": ("simple", WEIGHTINGS),
+    "sde": ("vp", SEARCH_SDES),
+    "weighting": ("simple", SEARCH_WEIGHTINGS),
 }
 DIMENSIONS: tuple[str, ...] = (*CATEGORICAL, *NUMERIC)
 KINDS: tuple[str, ...] = ("fixed", "grid", "choice", "uniform", "loguniform")
@@ -174,7 +181,7 @@ def sde_of(point: dict[str, Any]) -> tuple[str, dict[str, float]]:
         return "vp", {"beta_min": sde.beta_0, "beta_max": sde.beta_1, "N": sde.N}
     if p["sde"] == "ddpm-cosine":
         return "cosine-vp", {"s": float(p["cosine_s"])}
-    raise ValueError(f"sde must be one of {list(SDES)}, got {p['sde']!r}")
+    raise ValueError(f"sde must be one of {list(SEARCH_SDES)}, got {p['sde']!r}")
 
 
 def loss_of(point: dict[str, Any], base: TrainConfig) -> tuple[str, dict[str, Any]]:
@@ -188,8 +195,8 @@ def loss_of(point: dict[str, Any], base: TrainConfig) -> tuple[str, dict[str, An
     if w == "edm":
         edm = {k: v for k, v in base.loss_kwargs.items() if k in ("sigma_data", "P_mean", "P_std")}
         return "edm", edm
-    if w not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {w!r}")
+    if w not in SEARCH_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(SEARCH_WEIGHTINGS)}, got {w!r}")
     if base.loss == "edm":
         kw = {}  # EDM options mean nothing to DSM
     kw["weighting"] = "likelihood" if w == "likelihood-is" else w
@@ -234,8 +241,8 @@ def to_param_space(space: dict[str, Dim]) -> dict[str, Any]:
 
 __all__ = [
     "DIMENSIONS",
-    "SDES",
-    "WEIGHTINGS",
+    "SEARCH_SDES",
+    "SEARCH_WEIGHTINGS",
     "Dim",
     "check_point",
     "check_space_with",
