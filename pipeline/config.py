@@ -44,6 +44,10 @@ class TrainConfig:
     # Random horizontal flips of the training images. Off by default, as EDM's opt-in --xflip: a
     # mirrored digit or letter is not that class. The data's manifest says when mirroring is unsafe.
     xflip: bool = False
+    # Post-hoc EMA (EDM2): power-function profiles kept during training and snapshotted to {out}/phema/
+    # every `phema_every` steps (0: never), so that `tune ema` can rebuild any EMA length afterwards.
+    phema_sigma_rels: tuple[float, ...] = ()
+    phema_every: int = 0
     # "autoencoder": train the autoencoder preset `preset` with the same loop (pipeline.models.autoencoder).
     model: str = "unet"
 
@@ -63,10 +67,18 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.ema_halflife_kimg <= 0:
             raise ValueError(f"ema_halflife_kimg must be > 0, got {self.ema_halflife_kimg}")
+        check_int("phema_every", self.phema_every, 0)
+        for i, s in enumerate(self.phema_sigma_rels):
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 0.3:
+                raise ValueError(f"phema_sigma_rels[{i}] must be a number in (0, 0.3), got {s!r}")
+        if self.phema_every and len(set(self.phema_sigma_rels)) < 2:
+            raise ValueError("phema_every > 0 needs at least two distinct phema_sigma_rels (e.g. 0.05, "
+                             "0.10): reconstruction solves over the profiles")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        d["phema_sigma_rels"] = list(self.phema_sigma_rels)
         return d
 
     @classmethod
@@ -76,8 +88,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; allowed: {sorted(known)}")
         d = dict(d)
-        if "adam_betas" in d:
-            d["adam_betas"] = tuple(d["adam_betas"])
+        for key in ("adam_betas", "phema_sigma_rels"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -131,3 +131,30 @@ def test_resume_is_bit_exact(digits, deterministic, tmp_path):
     fit(other, data, steps=n, report_every=0)
     with pytest.raises(AssertionError):
         _assert_identical(_full_state(whole), _full_state(other))
+
+
+def test_learned_weighting_and_post_hoc_ema_profiles_train_and_resume_exactly():
+    """EDM2's learned uncertainty u(σ) is optimised with the network and checkpointed; the post-hoc EMA
+    profiles are updated every step and checkpointed: a resumed run ends bit-identical."""
+    config = _config().replace(loss="edm", loss_kwargs={"sigma_data": 0.5, "learned_uncertainty": True},
+                               phema_sigma_rels=(0.05, 0.10), phema_every=2, steps=6)
+    x = torch.randn(64, 1, 8, 8).clamp(-1, 1)
+    labels = torch.arange(64) % 10
+    whole = Trainer.from_config(config)
+    u0 = [p.clone() for p in whole.loss_fn.parameters()]
+    fit(whole, InMemoryBatches(x, labels, 8, seed=3), steps=6, report_every=0)
+    assert any(not torch.equal(a, b) for a, b in zip(u0, whole.loss_fn.parameters(), strict=True))
+    assert whole.phema.step == 6
+    first = Trainer.from_config(config)
+    fit(first, InMemoryBatches(x, labels, 8, seed=3), steps=3, report_every=0)
+    state = first.state_dict()
+    assert {"loss", "phema"} <= set(state)
+    resumed = Trainer.from_config(config)
+    resumed.load_state_dict(state)
+    fit(resumed, InMemoryBatches(x, labels, 8, seed=3), steps=6, report_every=0)
+    for a, b in zip(whole.loss_fn.state_dict().values(), resumed.loss_fn.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for pa, pb in zip(whole.phema.profiles, resumed.phema.profiles, strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    with pytest.raises(ValueError, match="phema_sigma_rels"):
+        _config().replace(phema_sigma_rels=(0.05, 0.4))

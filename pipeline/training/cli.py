@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--sde", default=d.sde, help=f"vp | subvp | ve | cosine-vp (default: {d.sde})")
-    p.add_argument("--loss", default=d.loss, choices=("dsm", "edm"), help=f"default: {d.loss}")
+    p.add_argument("--loss", default=d.loss,
+                   help=f"dsm | edm | ism | ssm | ssm-vr (default: {d.loss}); ism/ssm/ssm-vr: implicit and "
+                        "sliced score matching; "
+                        'EDM2\'s learned weighting: --loss-kwargs \'{"learned_uncertainty": true}\'')
     p.add_argument("--loss-kwargs", type=json.loads, default={},
                    help='JSON, e.g. \'{"parameterization": "eps"}\' or \'{"sigma_data": 0.5}\'')
     p.add_argument("--model-overrides", type=json.loads, default={}, help='JSON, e.g. \'{"dropout": 0.0}\'')
@@ -41,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; <= 0 disables")
     p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg)
+    p.add_argument("--phema-sigma-rels", type=lambda s: tuple(float(v) for v in s.split(",")), default=(),
+                   help="post-hoc EMA profiles to keep, e.g. 0.05,0.10 (EDM2); searched by `tune ema`")
+    p.add_argument("--phema-every", type=int, default=0, help="steps between post-hoc EMA snapshots")
     p.add_argument("--label-dropout", type=float, default=d.label_dropout,
                    help="classifier-free guidance label dropout (conditional presets)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
@@ -70,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        grad_clip=args.grad_clip, ema_halflife_kimg=args.ema_halflife_kimg,
                        batch_size=args.batch_size, steps=args.steps, precision=args.precision,
-                       compile=args.compile, seed=args.seed, xflip=args.xflip)
+                       compile=args.compile, seed=args.seed, xflip=args.xflip,
+                       phema_sigma_rels=args.phema_sigma_rels, phema_every=args.phema_every)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from ..config import TrainConfig
 from ..diffusion.losses import build_loss
 from ..diffusion.sde import SDE, build_sde
 from ..models import EMA, AutocastNet, build_unet
+from ..models.phema import PowerEMA
 
 # Per-noise-level loss buckets, in EDM's σ̃ = σ/α (comparable across VP, sub-VP and VE).
 SIGMA_BUCKETS: tuple[float, ...] = (0.1, 1.0, 10.0)
@@ -93,6 +94,8 @@ class Trainer:
         # Noise draws come from a generator we own, offset by rank so ranks see different noise.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + rank)
         self.position = Position()
+        # Post-hoc EMA profiles (EDM2): updated every step, snapshotted by the runner every phema_every.
+        self.phema = PowerEMA(net, config.phema_sigma_rels) if config.phema_sigma_rels else None
         self._sigma_edges = torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64)
         self._accum = self._new_accum()
 
@@ -114,9 +117,13 @@ class Trainer:
             loss_kwargs.setdefault("label_dropout", config.label_dropout)
             loss_kwargs.setdefault("null_label", net.null_label)
         loss_fn = build_loss(config.loss, sde, **loss_kwargs)
+        params = list(net.parameters())
+        if isinstance(loss_fn, nn.Module):  # EDM2's learned uncertainty u(σ) trains with the network
+            loss_fn.to(device)
+            params += list(loss_fn.parameters())
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         # fused: one kernel for the whole update on CUDA (foreach is the default there, plain on CPU)
-        optimizer = opt_cls(net.parameters(), lr=config.lr, betas=config.adam_betas,
+        optimizer = opt_cls(params, lr=config.lr, betas=config.adam_betas,
                             weight_decay=config.weight_decay, fused=device.type == "cuda" or None)
         return cls(config, net=net, sde=sde, loss_fn=loss_fn, optimizer=optimizer, ema=ema, device=device,
                    rank=rank, wrap=wrap)
@@ -157,6 +164,7 @@ class Trainer:
         loss = per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._sync_loss_grads()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
         # Decided on the device, never read here: a host read per step would stall the GPU queue.
@@ -170,6 +178,20 @@ class Trainer:
             self.ema.update(self.net, batch_size=self.config.batch_size)
         self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), finite, x.shape[0])
         self.position.step += 1
+        if self.phema is not None:  # a skipped step left the weights as they were: averaging them is exact
+            self.phema.update(self.net, self.position.step)
+
+    def _sync_loss_grads(self) -> None:
+        """A loss with parameters (the learned uncertainty) lives outside DDP: average its gradients over
+        the ranks here, as DDP does for the network's, so every rank keeps the same u(σ)."""
+        if not isinstance(self.loss_fn, nn.Module) or not torch.distributed.is_initialized():
+            return
+        grads = [p.grad for p in self.loss_fn.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            torch.nn.utils.vector_to_parameters(flat, grads)
 
     def _skip_on_device(self) -> bool:
         """Decide the non-finite skip on the device (no host read) unless the device is the CPU, where
@@ -269,6 +291,8 @@ class Trainer:
             "position": vars(self.position).copy(),
             "rng": rng,
             "config": self.config.to_dict(),
+            **({"loss": self.loss_fn.state_dict()} if isinstance(self.loss_fn, nn.Module) else {}),
+            **({"phema": self.phema.state_dict()} if self.phema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,6 +300,10 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.position = Position(**state["position"])
+        if isinstance(self.loss_fn, nn.Module):
+            self.loss_fn.load_state_dict(state["loss"])
+        if self.phema is not None:
+            self.phema.load_state_dict(state["phema"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         if "cuda" in state["rng"] and self.device.type == "cuda":

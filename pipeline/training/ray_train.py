@@ -43,6 +43,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .loop import Batch, Trainer, fit, unwrap
+from .phema_store import write_snapshots
 from .progress import write_progress
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
     def on_step(tr: Trainer, x: Tensor, labels: Tensor | None) -> None:
         if bar is not None:
             bar.update(1)
+        every, step = config.phema_every, tr.position.step
+        if rank == 0 and tr.phema is not None and every and (step % every == 0 or step == config.steps):
+            write_snapshots(job.out, tr.phema)  # post-hoc EMA snapshots for `tune ema`
         if job.on_step is not None:
             job.on_step(tr, x, labels)
 
