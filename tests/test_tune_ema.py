@@ -30,15 +30,14 @@ def run(tmp_path_factory):
     clf, metrics = train_classifier(xtr, ytr, xte, yte, num_classes=10, epochs=3, width=8, feature_dim=32)
     save_classifier(clf, str(root / "classifier"), name="digits-test", metrics=metrics)
     config = TrainConfig(preset="tiny-digits", model_overrides=NET, lr=2e-3, warmup_steps=10, batch_size=32,
-                         steps=120, seed=0)
-    trainer = Trainer.from_config(config)
-    tracker = PowerEMA(trainer.net)
+                         steps=120, seed=0, phema_sigma_rels=(0.05, 0.10), phema_every=40)
+    trainer = Trainer.from_config(config)  # keeps the PowerEMA profiles itself
+    assert isinstance(trainer.phema, PowerEMA)
     out = str(root / "run")
 
-    def on_step(tr, x, labels):
-        tracker.update(tr.net, tr.position.step)
-        if tr.position.step % 40 == 0:
-            write_snapshots(out, tracker)
+    def on_step(tr, x, labels):  # what the Ray Train worker does at rank 0
+        if tr.position.step % config.phema_every == 0:
+            write_snapshots(out, tr.phema)
 
     fit(trainer, InMemoryBatches(xtr, ytr, 32, seed=0), steps=config.steps, report_every=0, on_step=on_step)
     export_ema(storage.join(out, "ema-final.pt"), ema=trainer.ema.state_dict(), config=config.to_dict(),
