@@ -218,7 +218,8 @@ def guidance_stage(checkpoint: str, data: str, classifier: str, out: str, *,
         res = sweep_guidance(checkpoint=checkpoint, data=data, classifier=classifier, out=out,
                              weights=tuple(weights), samplers=tuple(samplers), steps=tuple(steps), n=n,
                              seed=seed)
-    cols = ("sampler", "steps", "w", "fid", "precision", "nfe", "n", "floor", "floor_min", "floor_max")
+    cols = ("sampler", "steps", "w", "interval", "guide", "fid", "precision", "nfe", "n", "floor",
+            "floor_min", "floor_max")
     out_res = {"best": res["best"].get("overall"), "rows": [{k: r.get(k) for k in cols} for r in res["rows"]],
                "report": res["report"], "complete": res["complete"]}
     plot = res["report"].get("plot")

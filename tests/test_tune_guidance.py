@@ -165,3 +165,31 @@ def test_bad_input_is_refused_before_any_point_is_drawn(ray_local, trained, tmp_
         with pytest.raises(ValueError, match=words):
             sweep_guidance(**{**common, **kw})
     assert not storage.exists(f"{out}/sweep.json") and not storage.exists(f"{out}/points")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_over_w_and_guidance_interval_and_autoguidance(ray_local, trained, tmp_path):  # noqa: F811
+    """The sweep's grid is w × interval × guide: an interval that covers no σ̃ is the unguided model at
+    every w (the same samples), the full interval is plain CFG, and autoguidance by a weaker checkpoint
+    at w = 1 is the main model."""
+    from pipeline.training import Trainer, export_ema
+    from pipeline.tuning.guidance import sweep_guidance
+
+    weak_cfg = TrainConfig(preset="tiny-digits", model_overrides=NET, steps=1, label_dropout=0.2)
+    weak = export_ema(str(tmp_path / "weak.pt"), ema=Trainer.from_config(weak_cfg).ema.state_dict(),
+                      config=weak_cfg.to_dict(), step=0)
+    res = sweep_guidance(checkpoint=trained["checkpoint"], data=trained["data"],
+                         classifier=trained["classifier"], out=str(tmp_path / "sweep"), weights=(1.0, 3.0),
+                         steps=(6,), n=40,
+                         intervals=((0.0, None), (1e6, None)), guides=(None, weak))
+    rows = res["rows"]
+    assert res["complete"] and len(rows) == 2 * 2 * 2
+    cfg = {(r["w"], tuple(r["interval"])): r for r in rows if r["guide"] is None}
+    empty = [cfg[(w, (1e6, None))]["fid"] for w in (1.0, 3.0)]
+    assert empty[0] == pytest.approx(empty[1], rel=1e-9)  # guidance never acts: w does not matter
+    assert cfg[(3.0, (0.0, None))]["fid"] != pytest.approx(empty[1], rel=1e-6)
+    auto = {(r["w"], tuple(r["interval"])): r for r in rows if r["guide"] == weak}
+    # Autoguidance at w = 1 is the main model, which is what the never-acting interval draws too.
+    assert auto[(1.0, (0.0, None))]["fid"] == pytest.approx(empty[0], rel=1e-6)
+    assert res["best"]["overall"]["fid"] == min(r["fid"] for r in rows)

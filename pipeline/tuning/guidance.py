@@ -43,6 +43,11 @@ class GuidanceSweep:
     weights: tuple[float, ...] = GUIDANCE_WEIGHTS
     samplers: tuple[str, ...] = ("heun",)
     steps: tuple[int, ...] = (16,)
+    # Where guidance acts, (σ_lo, σ_hi] in σ̃ = σ/α (None: ∞; Kynkäänniemi et al. 2024), and with what:
+    # None is classifier-free guidance, a checkpoint URI autoguidance by that weaker model (Karras et al.
+    # 2024; w is then the w of D_guide + w (D_main − D_guide)).
+    intervals: tuple[tuple[float, float | None], ...] = ((0.0, None),)
+    guides: tuple[str | None, ...] = (None,)
     n: int = 500
     seed: int = 0
     batch_size: int = 250
@@ -54,24 +59,35 @@ class GuidanceSweep:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("weights", "samplers", "steps"):
+        for k in ("weights", "samplers", "steps", "guides"):
             d[k] = list(d[k])
+        d["intervals"] = [list(i) for i in self.intervals]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuidanceSweep:
         d = dict(d)
-        for k in ("weights", "samplers", "steps"):
-            d[k] = tuple(d[k])
+        for k in ("weights", "samplers", "steps", "guides"):
+            if k in d:
+                d[k] = tuple(d[k])
+        if "intervals" in d:
+            d["intervals"] = tuple((float(lo), None if hi is None else float(hi))
+                                   for lo, hi in d["intervals"])
         return cls(**d)
+
+    def grid_size(self) -> int:
+        dims = ("weights", "samplers", "steps", "intervals", "guides")
+        return math.prod(len(getattr(self, k)) for k in dims)
 
     @property
     def gpus_per_trial(self) -> float:
         return 1.0 if self.device.startswith("cuda") else 0.0
 
 
-def point_uri(out: str, sampler: str, steps: int, w: float) -> str:
-    return storage.join(out, POINTS_DIR, f"{sampler}-s{steps}-w{w:g}")
+def point_uri(out: str, sampler: str, steps: int, w: float, interval: int = 0, guide: int = 0) -> str:
+    """The folder of one point; `interval` and `guide` are indices into the sweep's lists."""
+    extra = (f"-i{interval}" if interval else "") + (f"-g{guide}" if guide else "")
+    return storage.join(out, POINTS_DIR, f"{sampler}-s{steps}-w{w:g}{extra}")
 
 
 def validate_sweep(sweep: GuidanceSweep) -> Any:
@@ -100,12 +116,22 @@ def validate_sweep(sweep: GuidanceSweep) -> Any:
         and not os.environ.get("RAY_ADDRESS")
     ):
         raise ValueError(f"device={sweep.device!r} but no CUDA device is visible and no RAY_ADDRESS is set")
+    from ..diffusion.guidance import check_interval
+
     model = load_model(sweep.checkpoint)
-    if model.num_classes is None:
+    if not sweep.intervals or not sweep.guides:
+        raise ValueError("intervals and guides: give at least one of each ((0, None) and None: plain CFG)")
+    for lo, hi in sweep.intervals:
+        check_interval(lo, float("inf") if hi is None else hi)
+    if model.num_classes is None and None in sweep.guides:
         raise ValueError(
             f"checkpoint {sweep.checkpoint} is unconditional (preset {model.config.preset!r}): "
-            "guidance needs a conditional model trained with label dropout"
+            "classifier-free guidance needs a conditional model trained with label dropout "
+            "(autoguidance, guides=[a weaker checkpoint], does not)"
         )
+    for guide in sweep.guides:
+        if guide is not None:  # another image shape or conditioning: refused here, before any point
+            model.score_fn(None, 1.0, guide=load_model(guide))
     for sampler in sweep.samplers:
         for steps in sweep.steps:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -152,6 +178,8 @@ def sweep_guidance(
         storage.write_json(storage.join(sweep.out, SWEEP_FILE), sweep.to_dict())
         space = {k: raykit.search_dim("grid", getattr(sweep, a))
                  for k, a in (("sampler", "samplers"), ("steps", "steps"), ("w", "weights"))}
+        space["interval"] = raykit.search_dim("grid", list(range(len(sweep.intervals))))
+        space["guide"] = raykit.search_dim("grid", list(range(len(sweep.guides))))
         results = raykit.tune_fit(_trainable(sweep), param_space=space, out=sweep.out, name=sweep.name,
                                   metric="fid", mode="min", max_concurrent=concurrent, callbacks=callbacks)
         return _finish(sweep, results)
@@ -192,14 +220,17 @@ def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     s = GuidanceSweep.from_dict(sweep)
     device = s.device if s.device.startswith("cuda") else "cpu"
     sampler, steps, w = str(config["sampler"]), int(config["steps"]), float(config["w"])
+    i, g = int(config.get("interval", 0)), int(config.get("guide", 0))
+    (lo, hi), guide = s.intervals[i], s.guides[g]
     model = load_model(s.checkpoint, device=device)
     extractor, reference = _reference(s, device)
     levels = dataset_levels(s.data)
     plan = SamplingPlan(n=s.n, method=sampler, steps=steps, guidance=w, base_seed=s.seed,
-                        batch_size=min(s.batch_size, s.n), levels=levels)
+                        batch_size=min(s.batch_size, s.n), levels=levels, sigma_lo=lo, sigma_hi=hi,
+                        guide=guide)
     x, labels, nfe = draw_all(model, plan)
     scores = score_samples(x, labels, extractor=extractor, reference=reference, levels=levels)
-    uri = point_uri(s.out, sampler, steps, w)
+    uri = point_uri(s.out, sampler, steps, w, i, g)
     buf = io.BytesIO()
     torch.save(
         {
@@ -219,6 +250,8 @@ def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
         "sampler": sampler,
         "steps": steps,
         "w": w,
+        "interval": [lo, hi],
+        "guide": guide,
         "nfe": nfe,
         "n": int(x.shape[0]),
         "samples": storage.join(uri, "samples.pt"),
@@ -253,18 +286,20 @@ def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
                 "sampler": trial.config["sampler"],
                 "steps": int(trial.config["steps"]),
                 "w": float(trial.config["w"]),
+                "interval": list(sweep.intervals[int(trial.config.get("interval", 0))]),
+                "guide": sweep.guides[int(trial.config.get("guide", 0))],
                 "status": str(trial.status),
                 **{k: m.get(k) for k in ("fid", "precision", "nfe", "n", "samples", "floor", "floor_min",
                                          "floor_max")},
                 "trial_id": trial.trial_id,
             }
         )
-    rows.sort(key=lambda r: (r["sampler"], r["steps"], r["w"]))
+    rows.sort(key=lambda r: (r["sampler"], r["steps"], str(r["guide"]), r["interval"][0], r["w"]))
     best = best_weights(rows)
     settings = {**sweep.to_dict(), "checkpoint": sweep.checkpoint}
     report = write_guidance_report(sweep.out, rows, best, settings)
     # An interrupted sweep may not even have generated all its points: count against the grid.
-    expected = len(sweep.weights) * len(sweep.samplers) * len(sweep.steps)
+    expected = sweep.grid_size()
     complete = results.num_terminated + results.num_errors == expected
     return {
         "rows": rows,

@@ -24,7 +24,8 @@ SCHEDULE_COLUMNS = (
     "loss",
     "attempts",
 )
-GUIDANCE_COLUMNS = ("sampler", "steps", "nfe", "w", "fid", "precision", "n", "status")
+GUIDANCE_COLUMNS = ("sampler", "steps", "nfe", "interval", "guide", "w", "fid", "floor", "precision", "n",
+                    "status")
 
 
 # ---- rows ------------------------------------------------------------------------------------------
@@ -187,13 +188,16 @@ def plot_fid_vs_w(rows: Sequence[dict[str, Any]], uri: str) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax2 = ax.twinx()
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("fid") is not None:
-            groups.setdefault((r["sampler"], r["steps"]), []).append(r)
-    for (sampler, steps), g in sorted(groups.items()):
+            how = "autoguide" if r.get("guide") else "CFG"
+            lo, hi = r.get("interval") or (0.0, None)
+            band = "" if (lo, hi) == (0.0, None) else f", σ̃ ∈ ({lo:g}, {'∞' if hi is None else f'{hi:g}'}]"
+            groups.setdefault((r["sampler"], r["steps"], how, band), []).append(r)
+    for (sampler, steps, how, band), g in sorted(groups.items()):
         g = sorted(g, key=lambda r: r["w"])
-        label = f"{sampler}, {steps} steps (NFE {g[0].get('nfe')})"
+        label = f"{sampler}, {steps} steps (NFE {g[0].get('nfe')}), {how}{band}"
         (line,) = ax.plot([r["w"] for r in g], [r["fid"] for r in g], "o-", label=label)
         if all(r.get("precision") is not None for r in g):
             ax2.plot([r["w"] for r in g], [r["precision"] for r in g], "s--", c=line.get_color(), alpha=0.6)
