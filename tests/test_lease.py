@@ -113,8 +113,8 @@ time.sleep(600)
 
 def test_lease_of_a_killed_process_is_taken_over_after_expiry(s3_bucket):
     root, ttl = f"{s3_bucket}/runs/killed", 2.0
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, root, str(ttl)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, root, str(ttl)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == "held"
         time.sleep(ttl)  # longer than the holder's renewal period: it is alive and renewing
