@@ -203,7 +203,9 @@ def test_scheduler_creates_runs_a_worker_completes_them_each_in_its_own_root(pre
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     with _api(prefect_api), _client(prefect_api) as client:
         deployment = client.read_deployment_by_name("diffusion-pipeline/nightly-cifar10")
-    assert deployment.concurrency_limit == 1
+    # The limit from prefect.yaml, as the server enforces it.
+    assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
 
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "wb") as fh:
