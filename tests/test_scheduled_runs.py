@@ -289,3 +289,26 @@ def test_continuation_advances_the_newest_run_by_exactly_n_steps(s3_bucket, ray_
     after = storage.read_json(RunLayout.history(layout.train))
     assert [h["step"] for h in after] == [1, 2, 3, 4, 5, 6, 7]  # 3 more steps, none redone
     assert after[:4] == before  # resumed from the checkpoint at step 4, not retrained
+
+
+def test_serve_gets_the_limit_and_the_cli_checks_templates_before_prefect_starts():
+    import argparse
+
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows import cli
+    from flows.runs import concurrency_limit
+
+    limit = concurrency_limit("cancel-new")
+    assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    with pytest.raises(ValueError, match="collision strategy must be one of"):
+        concurrency_limit("drop")
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    ok = parser.parse_args(["serve", "--cron", "0 2 * * *", "--root", "s3://b/runs/{deployment}/{date}",
+                            "--mode", "continue", "--slice-steps", "500"])
+    params = cli._flow_params(ok)
+    assert params["mode"] == "continue" and params["train"]["slice_steps"] == 500
+    bad = parser.parse_args(["run", "--root", "s3://b/runs/{nightly}"])
+    with pytest.raises(ValueError, match=r"unknown field \{nightly\}"):
+        cli._flow_params(bad)
