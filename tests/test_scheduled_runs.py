@@ -131,6 +131,36 @@ def test_second_run_on_the_same_root_refuses_naming_the_first_which_completes(pr
     assert read_lease(root).released
 
 
+@pytest.mark.integration
+def test_continue_mode_in_the_flow_trains_the_newest_run_n_steps_further(prefect_api, tmp_path, monkeypatch):
+    import flows.pipeline as fp
+    from pipeline.recipes import train_recipe
+    from pipeline.runs import RunIdentity, plan_run, write_latest
+    from pipeline.training.checkpoint import save_checkpoint
+
+    template = str(tmp_path / "runs" / "{deployment}" / "{datetime}")
+    seen = []
+    monkeypatch.setattr(fp, "_run_stages", lambda root, source, config, *rest: seen.append((root, config))
+                        or {"root": root})
+    with _api(prefect_api):
+        nothing = fp.diffusion_pipeline(root=template, mode="continue", return_state=True)
+    assert nothing.is_failed() and not seen
+    with pytest.raises(ValueError, match=r"no completed run under .*start the series with mode='fresh'"):
+        nothing.result()
+
+    yesterday = dt.datetime(2026, 11, 30, 2, tzinfo=dt.timezone.utc)
+    earlier = plan_run(template, RunIdentity(yesterday, "n0", None))
+    config = train_recipe("tiny-digits", steps=40, batch_size=16, seed=3)
+    save_checkpoint(RunLayout(earlier.root).train, {"config": config.to_dict()}, step=40)
+    write_latest(earlier)
+    with _api(prefect_api):
+        state = fp.diffusion_pipeline(root=template, mode="continue", train={"slice_steps": 25},
+                                      return_state=True)
+    assert state.is_completed()
+    ((root, cont),) = seen
+    assert root == earlier.root and cont.steps == 65 and cont.seed == 3  # the newest run's recipe, +25 steps
+
+
 def _flow_runs(api: str, deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
