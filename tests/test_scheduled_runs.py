@@ -4,6 +4,7 @@ a root template with an unknown field, the shipped deployments' limits, and the 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import datetime as dt
 import os
@@ -112,8 +113,10 @@ def test_second_run_on_the_same_root_refuses_naming_the_first_which_completes(pr
     monkeypatch.setattr(fp, "_run_stages", stages)
     states = []
     with _api(prefect_api):
-        first = threading.Thread(
-            target=lambda: states.append(fp.diffusion_pipeline(root=root, return_state=True)))
+        # The thread runs in a copy of this context: Prefect's settings (this server) live in contextvars.
+        ctx = contextvars.copy_context()
+        first = threading.Thread(target=ctx.run, args=(
+            lambda: states.append(fp.diffusion_pipeline(root=root, return_state=True)),))
         first.start()
         assert inside.wait(120)
         second = fp.diffusion_pipeline(root=root, return_state=True)
