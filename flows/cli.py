@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-_GROUPS = {"train": ("train_steps:steps", "batch_size", "workers", "gpus_per_worker", "xflip"),
+_GROUPS = {"train": ("train_steps:steps", "batch_size", "workers", "gpus_per_worker", "xflip", "slice_steps"),
            "evaluate": ("n_samples", "sampler", "sample_steps", "guidance")}
 
 
@@ -15,7 +15,7 @@ def _flow_params(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's parameters from the command line: flags fill the groups, and `--param` sets any
     parameter, `group.field=value` one field of a group (JSON values)."""
     params: dict[str, Any] = {"source": args.source, "root": args.root, "preset": args.preset,
-                              "seed": args.seed}
+                              "seed": args.seed, "mode": args.mode}
     for group, fields in _GROUPS.items():
         params[group] = {}
         for spec in fields:
@@ -44,6 +44,8 @@ def _check_params(params: dict[str, Any]) -> None:
 
     import pydantic
 
+    from pipeline.runs import MODES, template_fields
+
     from .params import EvalParams, SweepParams, TrainParams
     from .pipeline import diffusion_pipeline
 
@@ -51,6 +53,9 @@ def _check_params(params: dict[str, Any]) -> None:
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"--param: unknown flow parameter(s) {unknown}; allowed: {sorted(known)}")
+    template_fields(str(params.get("root", "")))  # an unknown {field} fails here, before the run
+    if params.get("mode", "fresh") not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {params['mode']!r}")
     for group, model in (("train", TrainParams), ("evaluate", EvalParams), ("sweep", SweepParams)):
         try:
             model(**params.get(group, {}))
@@ -64,7 +69,13 @@ def _add_flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="digits",
                    help="'digits' (embedded), an image folder, .npz, or CIFAR tarball")
     p.add_argument("--root", default=os.environ.get("PIPELINE_ROOT") or "artifacts/run",
-                   help="where every artifact goes (path, file://, s3://...; default $PIPELINE_ROOT)")
+                   help="where every artifact goes (path, file://, s3://...; default $PIPELINE_ROOT); a "
+                        "template resolved per run, e.g. s3://bucket/runs/{deployment}/{date}: fields "
+                        "{date} {time} {datetime} {flow_run_id} {deployment}")
+    p.add_argument("--mode", choices=("fresh", "continue"), default="fresh",
+                   help="fresh: train from scratch into this run's root; continue: advance the newest run "
+                        "of the root's series by --slice-steps steps, then evaluate it")
+    p.add_argument("--slice-steps", type=int, default=1000, help="steps per run in --mode continue")
     p.add_argument("--preset", default="tiny-digits")
     from .params import EvalParams, TrainParams
 
@@ -105,6 +116,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
     p.add_argument("--name", default="diffusion-pipeline-scheduled")
     p.add_argument("--timezone", default="UTC")
+    p.add_argument("--collision", choices=("enqueue", "cancel-new"), default="enqueue",
+                   help="one run at a time: a run due while another runs waits (enqueue) or is cancelled")
     p.set_defaults(func=_serve)
 
 
@@ -137,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     if not state.is_completed():
         print(f"flow run ended {state.name}: {state.message}")
         return 1
-    layout = RunLayout(params["root"])
+    layout = RunLayout(state.result()["root"])  # the root the template resolved to
     print(f"report:       {layout.report}")
     print(storage.read_bytes(layout.report).decode())
     failed = [v for v in storage.read_json(layout.summary).get("verdicts", []) if not v["passed"]]
@@ -149,9 +162,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .pipeline import diffusion_pipeline
+    from .runs import concurrency_limit
 
     deployment_kwargs = cron_deployment_kwargs(args.cron, args.timezone)
-    diffusion_pipeline.serve(name=args.name, parameters=_flow_params(args), **deployment_kwargs)
+    diffusion_pipeline.serve(name=args.name, parameters=_flow_params(args),
+                             global_limit=concurrency_limit(args.collision), **deployment_kwargs)
     return 0
 
 

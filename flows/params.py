@@ -19,6 +19,7 @@ class TrainParams(_Group):
     gpus_per_worker: float = Field(0.0, ge=0)
     report_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    slice_steps: int = Field(1000, ge=1)  # mode="continue": steps added to the newest run per flow run
     xflip: bool = False  # random horizontal flips; refused on data whose manifest says they change the class
 
 

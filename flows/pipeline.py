@@ -7,17 +7,19 @@ defaults live in `pipeline/`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 
-from pipeline import storage
+from pipeline import runs, storage
 from pipeline.config import RunOptions, TrainConfig
 from pipeline.layout import RunLayout
+from pipeline.lease import Lease
 from pipeline.recipes import GUIDANCE_WEIGHTS, fid_features, is_conditional, train_recipe
 
 from .params import EvalParams, SweepParams, TrainParams
+from .runs import current_run, lease_ttl_s, run_owner
 from .tasks import (
     classifier_task,
     fid_task,
@@ -96,17 +98,46 @@ def schedule_search_flow(data: str, out: str, space: dict[str, Any], preset: str
 @flow(name="diffusion-pipeline", log_prints=True)
 def diffusion_pipeline(source: str = "digits", root: str = "artifacts/run", preset: str = "tiny-digits",
                        seed: int = 0, train: TrainParams | None = None, evaluate: EvalParams | None = None,
-                       sweep: SweepParams | None = None, ray_dashboard: str | None = None) -> dict[str, Any]:
+                       sweep: SweepParams | None = None, ray_dashboard: str | None = None,
+                       mode: Literal["fresh", "continue"] = "fresh") -> dict[str, Any]:
     """shard → train → sample → FID → bits/dim and ELBO → guidance sweep, every artifact under `root`.
 
+    `root` may be a template resolved once per run (`pipeline.runs.ROOT_FIELDS`), e.g.
+    `s3://bucket/runs/{deployment}/{date}`. mode="continue" advances the newest completed run of that
+    series by `train.slice_steps` steps from its last checkpoint and evaluates it again, in its root.
+    The run holds a lease on its root: a second run on the same root refuses, naming this one.
     The sweep needs a conditional model and the domain classifier; `sweep.weights=[]` skips it."""
     logger = get_run_logger()
     tp, ep, sp = train or TrainParams(), evaluate or EvalParams(), sweep or SweepParams()
-    layout = RunLayout(root)
+    plan = runs.plan_run(root, current_run(), mode=mode)  # bad template / nothing to continue: fail now
+    for warning in plan.warnings:
+        logger.warning(warning)
+    logger.info("root: %s (%s run; template %s)", plan.root, plan.mode, plan.template)
     if ray_dashboard:
         create_link_artifact(link=ray_dashboard, link_text="Ray dashboard", key="ray-dashboard")
-    config = train_recipe(preset, steps=tp.steps, batch_size=tp.batch_size, seed=seed).replace(xflip=tp.xflip)
-    storage.check_writable(root)  # a missing bucket or credentials fail now, not after training
+    storage.check_writable(plan.root)  # a missing bucket or credentials fail now, not after training
+    with Lease(plan.root, run_owner(plan.run), ttl_s=lease_ttl_s()) as lease:
+        if lease.took_over:
+            logger.warning("took over the expired lease of %s", lease.took_over.owner)
+        for warning in runs.record_start(plan):
+            logger.warning(warning)
+        if plan.mode == "continue":
+            config, start = runs.continuation_config(RunLayout(plan.root).train, tp.slice_steps)
+            logger.info("continuing %s from step %d to step %d", plan.root, start, config.steps)
+        else:
+            config = train_recipe(preset, steps=tp.steps, batch_size=tp.batch_size, seed=seed)
+            config = config.replace(xflip=tp.xflip)
+        summary = _run_stages(plan.root, source, config, tp, ep, sp)
+        pointer = runs.write_latest(plan)
+    if pointer:
+        logger.info("latest: %s → %s", pointer, plan.root)
+    return summary
+
+
+def _run_stages(root: str, source: str, config: TrainConfig, tp: TrainParams, ep: EvalParams,
+                sp: SweepParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    layout, seed = RunLayout(root), config.seed
     data = shard_flow(source, layout.data, seed=seed)
     logger.info("dataset: %s (%s train images)", data["data"], data["counts"]["train"])
     options = {"workers": tp.workers, "gpus_per_worker": tp.gpus_per_worker, "report_every": tp.report_every,

@@ -7,6 +7,9 @@
     {root}/eval/         FID/KID and likelihood reports (JSON + markdown)
     {root}/tune/         the guidance sweep (Ray Tune storage, report, plots)
     {root}/report.md     the summary of the run, summary.json its numbers
+    {root}/runs.json     the flow runs that wrote into this root (scheduled time, flow-run id, mode)
+    {root}/lease/        the lease of the driver writing into the root now (`pipeline.lease`)
+    {series}/latest.json the newest completed run of a series of per-run roots (`pipeline.runs`)
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ class RunLayout:
     @property
     def summary(self) -> str:
         return self._at("summary.json")
+
+    @property
+    def runs_log(self) -> str:
+        return self._at("runs.json")
+
+    @property
+    def lease(self) -> str:
+        return self._at("lease")
+
+    @staticmethod
+    def latest(series: str) -> str:
+        """The pointer to the newest completed run among the per-run roots under `series`."""
+        return storage.join(series, "latest.json")
 
     # Files inside the stage folders, named here so that no reader repeats a writer's string.
     @staticmethod
