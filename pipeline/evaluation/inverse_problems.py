@@ -46,7 +46,7 @@ class InverseTask:
     n: int = 200
     steps: int = 500
     factor: int = 2
-    sigma_y: float = 0.05
+    sigma_y: float = 0.01
     seed: int = 0
     split: str = "test"
 
