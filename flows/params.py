@@ -21,6 +21,7 @@ class TrainParams(_Group):
     checkpoint_every: int = Field(500, ge=1)
     slice_steps: int = Field(1000, ge=1)  # mode="continue": steps added to the newest run per flow run
     xflip: bool = False  # random horizontal flips; refused on data whose manifest says they change the class
+    phema_every: int = Field(0, ge=0)  # > 0: keep post-hoc EMA profiles σ_rel 0.05, 0.10, snapshot this often
 
 
 class EvalParams(_Group):
@@ -41,6 +42,8 @@ class SweepParams(_Group):
     weights: list[float] | None = None
     samples: int = Field(200, ge=2)
     steps: int = Field(18, ge=1)
+    # The optional post-hoc EMA search (`tune ema`) over these σ_rel ([]: none; needs train.phema_every).
+    ema_sigma_rels: list[float] = Field(default_factory=list)
 
 
 __all__ = ["EvalParams", "SweepParams", "TrainParams"]

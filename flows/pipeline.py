@@ -22,6 +22,7 @@ from .params import EvalParams, SweepParams, TrainParams
 from .runs import current_run, lease_ttl_s, run_owner
 from .tasks import (
     classifier_task,
+    ema_task,
     fid_task,
     guidance_task,
     likelihood_task,
@@ -127,6 +128,8 @@ def diffusion_pipeline(source: str = "digits", root: str = "artifacts/run", pres
         else:
             config = train_recipe(preset, steps=tp.steps, batch_size=tp.batch_size, seed=seed)
             config = config.replace(xflip=tp.xflip)
+            if tp.phema_every:  # EDM2's two profiles, for the optional EMA search
+                config = config.replace(phema_sigma_rels=(0.05, 0.10), phema_every=tp.phema_every)
         summary = _run_stages(plan.root, source, config, tp, ep, sp)
         pointer = runs.write_latest(plan)
     if pointer:
@@ -150,7 +153,13 @@ def _run_stages(root: str, source: str, config: TrainConfig, tp: TrainParams, ep
     if weights and evaluated["classifier"] and is_conditional(config):
         tuned = tune_flow(trained["ema"], data["data"], evaluated["classifier"], layout.tune, weights,
                           sp.steps, sp.samples, seed)
-    summary = {"root": root, "data": data, "train": trained, "evaluate": evaluated, "tune": tuned}
+    ema = None
+    if sp.ema_sigma_rels and config.phema_every and evaluated["classifier"]:
+        options = {"sigma_rels": list(sp.ema_sigma_rels), "n": sp.samples, "steps": sp.steps, "seed": seed}
+        ema = ema_task(layout.train, data["data"], evaluated["classifier"], storage.join(layout.tune, "ema"),
+                       options)
+    summary = {"root": root, "data": data, "train": trained, "evaluate": evaluated, "tune": tuned,
+               "ema": ema}
     report = summary_task(summary)
     logger.info("report: %s", report["report"])
     return report["summary"]

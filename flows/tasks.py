@@ -144,6 +144,12 @@ def schedule_search_task(space: dict[str, Any], base: dict[str, Any], data: str,
     return publish(res, "schedule-search", "noise schedules and weightings: report, Pareto, learning curves")
 
 
+@task(name="ema-search", **RETRY)
+def ema_task(run: str, data: str, classifier: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
+    return publish(stages.ema_search_stage(run, data, classifier, out, **options), "ema-search",
+                   "post-hoc EMA: FID versus σ_rel")
+
+
 @task(name="report")
 def summary_task(summary: dict[str, Any]) -> dict[str, Any]:
     return publish(stages.summary_stage(summary), "pipeline-report", "the run at a glance")

@@ -274,6 +274,23 @@ def inverse_stage(checkpoint: str, data: str, out: str, *, task: str = "inpaint-
     return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
 
 
+def ema_search_stage(run: str, data: str, classifier: str, out: str, **options: Any) -> dict[str, Any]:
+    """The post-hoc EMA search (`tuning.ema`) on a finished run; its markdown embeds FID versus σ_rel."""
+    from .tuning.ema import sweep_ema
+
+    res = sweep_ema(run=run, data=data, classifier=classifier, out=out, **options)
+    best = res["best"]
+    rows = [(f"σ_rel {r['sigma_rel']:.3f}", f"FID {reports.fmt(r.get('fid'), 3)} "
+             f"(floor {reports.fmt(r.get('floor'), 3)})") for r in res["rows"]]
+    lines = ["### Post-hoc EMA search (EDM2)", "", reports.table(rows)]
+    if best:
+        lines += ["", f"best σ_rel = {best['sigma_rel']:.3f}: FID {best['fid']:.3f}; EMA `{best['ema']}`"]
+    plot = res["report"]["plot"]
+    lines += ["", reports.embed_png(storage.read_bytes(plot), "FID versus sigma_rel", link=plot)]
+    return {"best": best, "rows": res["rows"], "report": res["report"], "complete": res["complete"],
+            "markdown": "\n".join(lines)}
+
+
 def summary_stage(summary: dict[str, Any]) -> dict[str, Any]:
     """The run's report.md and summary.json under its root (stage results without their markdown), with
     the quality gates' verdicts (`gates.py`)."""

@@ -55,9 +55,10 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     from flows.pipeline import diffusion_pipeline
 
     root = f"{s3_bucket}/run"
-    kwargs = dict(root=root, train={"steps": 12, "batch_size": 32, "checkpoint_every": 6},
+    kwargs = dict(root=root,
+                  train={"steps": 12, "batch_size": 32, "checkpoint_every": 6, "phema_every": 6},
                   evaluate={"n_samples": 40, "sample_steps": 6, "likelihood_samples": 8},
-                  sweep={"weights": [0.0, 2.0], "samples": 20, "steps": 4})
+                  sweep={"weights": [0.0, 2.0], "samples": 20, "steps": 4, "ema_sigma_rels": [0.05, 0.12]})
     state = diffusion_pipeline(**kwargs, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
@@ -77,6 +78,7 @@ def test_end_to_end_on_s3_and_cached_resharding(harness, s3_bucket, ray_local):
     assert like["bpd_elbo"] + 4 * like["bpd_elbo_stderr"] + 4 * like["bpd_ode_stderr"] >= like["bpd_ode"]
     tune = summary["tune"]
     assert sorted(r["w"] for r in tune["rows"]) == [0.0, 2.0] and tune["complete"]
+    assert summary["ema"]["complete"] and summary["ema"]["best"]["sigma_rel"] in (0.05, 0.12)  # optional stage
     assert tune["best"]["w"] in (0.0, 2.0)
 
     _assert_image_artifacts(state.state_details.flow_run_id, root)
@@ -134,7 +136,7 @@ def _assert_image_artifacts(flow_run_id, root) -> None:
             assert img.size == full.size, (a.key, alt, img.size, full.size)
             images[(a.key, alt)] = img.size
     keys = {k for k, _ in images}
-    for key in ("training", "samples", "fid", "guidance-sweep", "pipeline-report"):
+    for key in ("training", "samples", "fid", "guidance-sweep", "ema-search", "pipeline-report"):
         assert key in keys, (key, sorted(keys))
     assert "training-progress" in by_key and by_key["training-progress"].data == 100.0
     assert "training-live" in by_key  # the live metrics table at the last report
