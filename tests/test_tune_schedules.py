@@ -387,3 +387,23 @@ def test_cli_tune_refuses_bad_input_with_one_line(bucket, digits, capsys):
     assert main(["tune", "guidance", "--out", f"{bucket}/cli-g", "--w", "0,1"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     assert not storage.exists(f"{bucket}/cli/search.json")
+
+
+def test_the_search_chooses_among_modern_weightings_and_score_matching():
+    """min-SNR-γ, EDM2's learned uncertainty and implicit/sliced score matching are weighting choices of
+    the search, each building its own loss."""
+    from pipeline.diffusion.losses import UncertaintyWeightedLoss, build_loss
+    from pipeline.diffusion.score_matching import ScoreMatchingLoss
+    from pipeline.diffusion.sde import build_sde
+    from pipeline.tuning import spaces
+
+    base = _base(loss="edm", loss_kwargs={"sigma_data": 0.5})
+    space = spaces.parse_space({"weighting": ["min_snr", "edm-learned", "ssm", "ism"]})
+    spaces.check_space_with(space, base)
+    built = {}
+    for w in ("min_snr", "edm-learned", "ssm", "ism"):
+        cfg = spaces.trial_config({"weighting": w}, base)
+        built[w] = build_loss(cfg.loss, build_sde(cfg.sde, **cfg.sde_kwargs), **cfg.loss_kwargs)
+    assert isinstance(built["edm-learned"], UncertaintyWeightedLoss)
+    assert isinstance(built["ssm"], ScoreMatchingLoss) and isinstance(built["ism"], ScoreMatchingLoss)
+    assert built["min_snr"].weighting == "min_snr"

@@ -33,6 +33,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..diffusion.chain import CHAIN_SCHEDULES
 from ..diffusion.losses import WEIGHTINGS
+from ..diffusion.score_matching import SCORE_MATCHING_LOSSES
 from ..diffusion.sde import SDES
 
 # The search's process names: the processes of `sde.SDES` whose parameters are dimensions here (β range:
@@ -40,7 +41,11 @@ from ..diffusion.sde import SDES
 SEARCH_SDES: tuple[str, ...] = (*(n for n in SDES if n in ("vp", "subvp", "ve")),
                                 *(f"ddpm-{s}" for s in CHAIN_SCHEDULES if s in ("linear", "cosine")))
 # DSM's weightings, DSM's likelihood weighting with importance-sampled t, and EDM's loss.
-SEARCH_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "likelihood-is", "edm")
+# The objective a trial trains with: DSM under one of its weightings (importance-sampled likelihood
+# weighting as "likelihood-is"), EDM's loss, EDM's loss with EDM2's learned uncertainty weighting
+# ("edm-learned"), or implicit / sliced score matching (losses of their own, `score_matching.py`).
+SEARCH_WEIGHTINGS: tuple[str, ...] = (*WEIGHTINGS, "likelihood-is", "edm", "edm-learned",
+                                      *SCORE_MATCHING_LOSSES)
 NUMERIC: dict[str, tuple[float, float]] = {  # default, and the strict lower bound
     "beta_min": (0.1, 0.0),
     "beta_max": (20.0, 0.0),
@@ -192,9 +197,11 @@ def loss_of(point: dict[str, Any], base: TrainConfig) -> tuple[str, dict[str, An
         for k, v in base.loss_kwargs.items()
         if k not in ("weighting", "importance_sampling", "sigma_data", "P_mean", "P_std")
     }
-    if w == "edm":
+    if w in ("edm", "edm-learned"):
         edm = {k: v for k, v in base.loss_kwargs.items() if k in ("sigma_data", "P_mean", "P_std")}
-        return "edm", edm
+        return "edm", {**edm, **({"learned_uncertainty": True} if w == "edm-learned" else {})}
+    if w in SCORE_MATCHING_LOSSES:  # trained at NCSN-style noise levels; the parameterisation is kept
+        return w, {k: v for k, v in kw.items() if k in ("parameterization", "noise_label_kind")}
     if w not in SEARCH_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {list(SEARCH_WEIGHTINGS)}, got {w!r}")
     if base.loss == "edm":
