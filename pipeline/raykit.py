@@ -266,6 +266,21 @@ def search_dim(kind: str, values: Sequence[Any]) -> Any:
     raise ValueError(f"search dimension kind must be grid, choice, uniform or loguniform, got {kind!r}")
 
 
+def keep_secrets_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's credential variables into every trial's runtime_env.
+
+    Tune adds AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens to each trainable's
+    `runtime_env["env_vars"]` (`ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`), and Ray's
+    runtime-env agent writes every runtime_env in clear text to `runtime_env_agent.log`, a
+    world-readable file under Ray's temp folder. Trial processes find credentials the way every Ray
+    worker does here: their own environment (inherited from the raylet on a local cluster), a
+    credentials file of mode 600, or the instance's identity."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        v for v in class_cache.ENV_VARS_TO_PROPAGATE if v not in storage.CREDENTIAL_VARS)
+
+
 def tune_fit(train_fn: Any, *, param_space: dict[str, Any], out: str, name: str, metric: str, mode: str,
              max_concurrent: int, num_samples: int = 1, asha: dict[str, Any] | None = None,
              callbacks: Sequence[Any] = ()) -> Any:
@@ -273,6 +288,7 @@ def tune_fit(train_fn: Any, *, param_space: dict[str, Any], out: str, name: str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    keep_secrets_out_of_runtime_envs()
     storage_path, fs = ray_storage(storage.join(out, TUNE_DIR))
     scheduler = ASHAScheduler(time_attr="step", **asha) if asha else None
     return tune.Tuner(
@@ -370,9 +386,32 @@ def release_callback(folder_of: Callable[[str], str]) -> Any:
 
 
 __all__ = [
-    "ADDRESS_ENV", "PLACEMENT_FILE", "TUNE_DIR", "PlacementGroupRecorder", "absolute", "check_address",
-    "cluster_resources", "concurrent_trials", "connect", "dashboard_url", "experiment_path", "fan_out",
-    "is_running", "ray_storage", "release_callback", "release_placement_group", "report", "restore_name",
-    "saved_settings", "search_dim", "session", "train_report_callback", "trainable", "trial_end_callback",
-    "trial_id", "trials_of", "tune_fit",
+    "ADDRESS_ENV",
+    "PLACEMENT_FILE",
+    "TUNE_DIR",
+    "PlacementGroupRecorder",
+    "absolute",
+    "check_address",
+    "cluster_resources",
+    "concurrent_trials",
+    "connect",
+    "dashboard_url",
+    "experiment_path",
+    "fan_out",
+    "is_running",
+    "keep_secrets_out_of_runtime_envs",
+    "ray_storage",
+    "release_callback",
+    "release_placement_group",
+    "report",
+    "restore_name",
+    "saved_settings",
+    "search_dim",
+    "session",
+    "train_report_callback",
+    "trainable",
+    "trial_end_callback",
+    "trial_id",
+    "trials_of",
+    "tune_fit",
 ]

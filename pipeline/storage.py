@@ -58,6 +58,7 @@ _CREDENTIAL_VARS = (
     "AZURE_STORAGE_CONNECTION_STRING",
     "AZURE_STORAGE_ACCOUNT_KEY",
 )
+CREDENTIAL_VARS = (*_CREDENTIAL_VARS, "AWS_SECURITY_TOKEN")
 # Non-secret variables that worker processes on other nodes need to reach the same store.
 WORKER_ENV_VARS = (
     "AWS_ENDPOINT_URL",
