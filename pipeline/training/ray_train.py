@@ -156,6 +156,7 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, options: Ru
         raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={options.workers} "
                          "(it is the global batch, split evenly across ranks)")
     net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
+    check_network(config)
     sde = build_sde(config.sde, **config.sde_kwargs)
     build_loss(config.loss, sde, **config.loss_kwargs)
     if need_data:
@@ -195,6 +196,15 @@ def _check_data(data: str, config: TrainConfig, net_cfg: dict[str, Any], options
     if count is not None and config.batch_size > int(count):
         raise ValueError(f"batch_size={config.batch_size} exceeds the {count} images of split {split!r} "
                          f"of data={data}: choose batch_size <= {count}")
+    counts = sorted(int(s["count"]) for s in shards if isinstance(s.get("count"), int))
+    if len(counts) == len(shards):
+        # Shards are dealt to ranks (in an epoch-dependent order): the poorest rank holds at least the
+        # len // workers smallest shards, and must fill one batch of its share per epoch.
+        least, per_rank = sum(counts[: len(counts) // workers]), config.batch_size // workers
+        if per_rank > least:
+            raise ValueError(f"batch_size={config.batch_size} over workers={workers} is {per_rank} images "
+                             f"per rank, but a rank may get only {least} images of split {split!r} of "
+                             f"data={data}: choose batch_size <= {least * workers} or fewer workers")
     shape = _image_shape(manifest.get("image"))
     want = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
     if shape is not None and tuple(shape) != want:
@@ -207,6 +217,25 @@ def _check_data(data: str, config: TrainConfig, net_cfg: dict[str, Any], options
         from ..data.augment import check_xflip
 
         check_xflip(manifest, data)
+
+
+def check_network(config: TrainConfig) -> None:
+    """Build the network and run one forward pass on the meta device (shapes only: no memory, no
+    arithmetic) so that bad model_overrides fail here, on the driver, as a ValueError naming them,
+    instead of inside every worker attempt."""
+    from ..models import build_unet, preset_config
+
+    cfg = preset_config(config.preset, **config.model_overrides)
+    try:
+        with torch.device("meta"):
+            net = build_unet(config.preset, **config.model_overrides)
+            x = torch.empty(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+            net(x, torch.empty(2))  # unconditional call: the label check reads values, which meta has not
+    except ValueError as e:
+        raise ValueError(f"model_overrides={config.model_overrides}: {e}") from None
+    except Exception as e:  # the constructor's TypeError/AssertionError/RuntimeError on bad values
+        raise ValueError(f"model_overrides={config.model_overrides}: the {config.preset!r} network cannot "
+                         f"be built with them ({type(e).__name__}: {e})") from None
 
 
 def _image_shape(image: Any) -> tuple[int, int, int] | None:
@@ -413,4 +442,4 @@ def _summary(m: dict[str, Any], steps: int) -> str:
             f"lr {m['lr']:.2e}  {m['img_per_s']:,.0f} img/s  skipped {m['skipped_steps']}")
 
 
-__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "train", "validate_run"]
+__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "check_network", "train", "validate_run"]
