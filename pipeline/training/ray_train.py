@@ -37,9 +37,9 @@ from ..layout import RunLayout
 from .checkpoint import (
     EMA_EXPORT,
     export_ema,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest,
     save_checkpoint,
 )
 from .loop import Batch, Trainer, fit, unwrap
@@ -155,10 +155,18 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, options: Ru
     if config.batch_size % options.workers:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by workers={options.workers} "
                          "(it is the global batch, split evenly across ranks)")
-    net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
-    check_network(config)
-    sde = build_sde(config.sde, **config.sde_kwargs)
-    build_loss(config.loss, sde, **config.loss_kwargs)
+    preset_config(config.preset)  # unknown preset → ValueError naming it
+    check_network(config)  # then the overrides, named
+    net_cfg = preset_config(config.preset, **config.model_overrides)
+    try:
+        sde = build_sde(config.sde, **config.sde_kwargs)
+    except TypeError as e:
+        raise ValueError(f"sde_kwargs={config.sde_kwargs}: not options of sde {config.sde!r} ({e})") from None
+    try:
+        build_loss(config.loss, sde, **config.loss_kwargs)
+    except TypeError as e:
+        raise ValueError(f"loss_kwargs={config.loss_kwargs}: not options of loss {config.loss!r} "
+                         f"({e})") from None
     if need_data:
         if data is None:
             raise ValueError("data: a sharded dataset URI is required (folder holding manifest.json)")
@@ -225,8 +233,8 @@ def check_network(config: TrainConfig) -> None:
     instead of inside every worker attempt."""
     from ..models import build_unet, preset_config
 
-    cfg = preset_config(config.preset, **config.model_overrides)
     try:
+        cfg = preset_config(config.preset, **config.model_overrides)
         with torch.device("meta"):
             net = build_unet(config.preset, **config.model_overrides)
             x = torch.empty(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
@@ -328,12 +336,16 @@ def _worker(loop_config: dict[str, Any]) -> None:
 def _resume(trainer: Trainer, job: _Job, rank: int, world: int, distributed: bool) -> list[dict[str, Any]]:
     """Load the latest checkpoint under `out` (chosen by rank 0 for all), with this rank's own data
     position and RNG states; returns the run history up to it."""
-    uri = [latest_checkpoint(job.out) if rank == 0 else None]
+    # Rank 0 picks the newest checkpoint that loads (saying which newer ones it skipped and why);
+    # the others load that same one. RNG states must stay CPU ByteTensors: map to the CPU.
+    uri, state = load_latest(job.out, map_location="cpu", say=_say) if rank == 0 else (None, None)
+    uri = [uri]
     if distributed:
         torch.distributed.broadcast_object_list(uri, src=0)
     if uri[0] is None:
         return []
-    state = load_checkpoint(uri[0], map_location="cpu")  # RNG states must stay CPU ByteTensors
+    if state is None:
+        state = load_checkpoint(uri[0], map_location="cpu")
     ranks = state.get("ranks")
     if ranks is not None and len(ranks) == world:
         state = {**state, **ranks[rank]}
