@@ -125,8 +125,8 @@ def _load_bytes(data: bytes, uri: str, map_location: str | torch.device = "cpu")
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file holds code
         found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
                      "objects other than tensors")
-        raise ValueError(f"checkpoint {uri} holds more than tensors and plain containers ({found}); it "
-                         "is refused because loading it could run code") from None
+        raise ValueError(f"checkpoint {uri} holds more than tensors and plain containers ({found}); "
+                         "refused by weights_only=True loading, since loading it could run code") from None
     except Exception as e:  # a damaged archive: say which file and what broke
         detail = str(e).splitlines()[0] if str(e).strip() else "no detail"
         raise ValueError(f"checkpoint {uri} is corrupt ({type(e).__name__}: {detail})") from None
