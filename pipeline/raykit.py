@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 from . import storage
 
 ADDRESS_ENV = "RAY_ADDRESS"
+AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 CONNECT_TIMEOUT_S = float(os.environ.get("PIPELINE_RAY_CONNECT_TIMEOUT_S", "15"))
 PLACEMENT_FILE = "placement_group.json"
 TUNE_DIR = "tune"
@@ -78,9 +79,18 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = False) -> bool:
     address = check_address()
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "configure_logging": False}
     if address is None:
-        # A private local cluster needs no auth token (Ray would otherwise write ~/.ray/auth_token);
-        # it listens on loopback only, so nothing on the network can submit work to it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A local cluster listens on loopback only, and with Ray's token authentication on: other
+        # users of this machine can reach loopback too. The token is made for this cluster and
+        # travels only in the environment its processes inherit (never a file, never a runtime_env).
+        # Ray turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise
+        # (RAY_AUTH_MODE=disabled, set by the user, turns it off); without a token it would write one
+        # to ~/.ray/auth_token.
+        if os.environ.get(AUTH_MODE_ENV, "token") == "token" and not (
+                os.environ.get(AUTH_TOKEN_ENV) or os.environ.get(AUTH_TOKEN_PATH_ENV)):
+            import secrets
+
+            os.environ[AUTH_TOKEN_ENV] = secrets.token_hex(32)
+        _loopback_only()
         kwargs.update(include_dashboard=dashboard, _node_ip_address="127.0.0.1")
         if dashboard:
             kwargs["dashboard_host"] = "127.0.0.1"
@@ -91,6 +101,19 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = False) -> bool:
 
 
 _CONTEXT: Any = None
+
+
+def _loopback_only() -> None:
+    """Make a local cluster's node address 127.0.0.1, so that GCS, raylet and workers listen on
+    loopback only. `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray replaces a
+    loopback address by the host's routable one unless Ray clusters are "disabled", which is how it
+    keeps macOS and Windows single-node clusters local (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The
+    constant is read when ray is imported, so it is set both in the environment (child processes)
+    and on the imported module (this one)."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def dashboard_url() -> str | None:
