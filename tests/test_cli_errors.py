@@ -32,10 +32,18 @@ def test_missing_checkpoint_is_one_line_naming_it(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "nope.pt" in err[0]
 
 
-def test_missing_samples_folder_is_one_line_naming_it(tmp_path, data, capsys):
-    code, err = _run(["fid", str(tmp_path / "no-samples"), "--data", data, "--extractor", "domain",
+def test_missing_samples_folder_is_one_line_naming_it(tmp_path, data, capsys, monkeypatch):
+    import pipeline.evaluation.cli as ecli
+
+    monkeypatch.setattr(ecli, "_extractor", lambda args: None)  # no feature network needed to get there
+    code, err = _run(["fid", str(tmp_path / "no-samples"), "--data", data], capsys)
+    assert code == 2 and len(err) == 1 and "no-samples" in err[0], err
+
+
+def test_missing_classifier_is_one_line_naming_it(tmp_path, data, capsys):
+    code, err = _run(["fid", str(tmp_path / "s"), "--data", data, "--extractor", "domain",
                       "--weights", str(tmp_path / "clf")], capsys)
-    assert code == 2 and len(err) == 1 and ("no-samples" in err[0] or "clf" in err[0])
+    assert code == 2 and len(err) == 1 and "clf" in err[0]
 
 
 def test_bad_device_is_one_line(tmp_path, capsys):
