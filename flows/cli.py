@@ -125,6 +125,11 @@ def _run(args: argparse.Namespace) -> int:
     from .server import check_prefect_api, ensure_local_server, start_local_ray
 
     params = _flow_params(args)
+    from pipeline.preflight import check_run  # every stage's options, before Prefect, Ray or sharding
+
+    from .params import EvalParams, SweepParams, TrainParams
+    groups = {"train": TrainParams, "evaluate": EvalParams, "sweep": SweepParams}
+    check_run({**params, **{g: m(**params.get(g, {})).model_dump() for g, m in groups.items()}})
     ui = None
     if args.server == "local":
         ui = ensure_local_server()

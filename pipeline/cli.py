@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # (module path) — each registers one or more subcommands.
 COMMANDS: tuple[str, ...] = (
@@ -39,13 +40,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors a user can fix (bad input, a missing file, a diverged run): one line naming the field or file,
+# exit 2. Anything else is a bug in this program: its traceback is kept, under a line that says so.
+EXPECTED: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                            IsADirectoryError, PermissionError)
+_BAD_KWARGS = ("unexpected keyword argument", "required positional argument", "required keyword-only")
+
+
+def expected_error(e: BaseException) -> BaseException | None:
+    """The user-fixable error `e` is or wraps (Ray re-raises a worker's error inside its own), if any:
+    the EXPECTED types, a training run that diverged, and a TypeError from options passed as keywords
+    (`--loss-kwargs '{"bogus": 1}'`)."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, EXPECTED) or type(err).__name__ == "TrainingDivergedError":
+            return err
+        if isinstance(err, TypeError) and any(k in str(err) for k in _BAD_KWARGS):
+            return err
+        todo += [err.__cause__, getattr(err, "cause", None)]
+        failures = getattr(err, "worker_failures", None)  # Ray Train V2's TrainingFailedError
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """`--device` parses as a torch device (a bad name fails here, not deep in a stage)."""
+    device = getattr(args, "device", None)
+    if not isinstance(device, str):
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {device!r}: not a device ({' '.join(str(e).split())}); "
+                         "use cpu, cuda or cuda:N") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prog = f"diffusion-pipeline {args.command}"
     try:
+        _check_device(args)
         return int(args.func(args) or 0)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"diffusion-pipeline {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        known = expected_error(e)
+        if known is not None:  # bad input or a fixable condition: one clear line, no traceback
+            print(f"{prog}: error: {_one_line(known)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: internal error: {type(e).__name__}: this is a bug in diffusion-pipeline; "
+              "please report it with the traceback below", file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,14 +50,25 @@ class TrainConfig:
     phema_every: int = 0
     # "autoencoder": train the autoencoder preset `preset` with the same loop (pipeline.models.autoencoder).
     model: str = "unet"
+    # Stop with an error after this many consecutive steps skipped for a non-finite loss or gradient
+    # (checked at report time on CUDA, at once on the CPU): a diverged run must not end "trained".
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
-        _check_positive("batch_size", self.batch_size)
-        _check_positive("steps", self.steps)
+        for name in ("batch_size", "steps", "max_consecutive_skips"):
+            check_int(name, getattr(self, name), 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0)
         _check_positive("lr", self.lr)
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.label_dropout < 1:
+        _check_finite("weight_decay", self.weight_decay, low=0.0)
+        _check_finite("grad_clip", self.grad_clip)
+        betas = self.adam_betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+        if self.ema_rampup_ratio is not None:
+            _check_positive("ema_rampup_ratio", self.ema_rampup_ratio)
+        if not _is_number(self.label_dropout) or not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -65,12 +76,11 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.ema_halflife_kimg <= 0:
-            raise ValueError(f"ema_halflife_kimg must be > 0, got {self.ema_halflife_kimg}")
+        _check_positive("ema_halflife_kimg", self.ema_halflife_kimg)
         check_int("phema_every", self.phema_every, 0)
-        for i, s in enumerate(self.phema_sigma_rels):
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 0.3:
-                raise ValueError(f"phema_sigma_rels[{i}] must be a number in (0, 0.3), got {s!r}")
+        for i, s_rel in enumerate(self.phema_sigma_rels):
+            if not _is_number(s_rel) or not 0 < s_rel < 0.3:
+                raise ValueError(f"phema_sigma_rels[{i}] must be a number in (0, 0.3), got {s_rel!r}")
         if self.phema_every and len(set(self.phema_sigma_rels)) < 2:
             raise ValueError("phema_every > 0 needs at least two distinct phema_sigma_rels (e.g. 0.05, "
                              "0.10): reconstruction solves over the profiles")
@@ -143,6 +153,17 @@ def check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    if not _is_number(value) or not value > 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_finite(name: str, value: float, low: float = -math.inf) -> None:
+    if not _is_number(value) or not value >= low:
+        bound = f" >= {low:g}" if low > -math.inf else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+

@@ -13,8 +13,10 @@ Every stage that runs on Ray goes through here (Ray Train's own worker code live
   Ray's run storage must use the same fsspec filesystem (endpoint, options) as `storage.py`.
 * `concurrent_trials(need, ...)`: how many trials of a given size fit the cluster, checked before any
   trial starts.
-* Tune: `tune_fit`, `tune_restore`, `restorable`, `experiment_path`, `report`, `trial_id`,
-  `grid_search`, `train_report_callback`.
+* Tune: `tune_fit`, `saved_settings`, `restore_name`, `experiment_path`, `report`, `trial_id`,
+  `search_dim`, `train_report_callback`. Nothing here restores Tune's pickled state (see
+  `saved_settings`): searches and sweeps keep their own state as JSON and a restore re-runs the
+  points that have no result.
 * The placement-group workaround: a Tune trial stopped by ASHA is killed with its Train controller,
   which cannot remove its workers' placement group (Ray's cleaner needs the dashboard's state API). A
   step hook records the group under the trial folder and a Tune callback removes it.
@@ -33,6 +35,7 @@ from urllib.parse import urlparse
 from . import storage
 
 ADDRESS_ENV = "RAY_ADDRESS"
+AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 CONNECT_TIMEOUT_S = float(os.environ.get("PIPELINE_RAY_CONNECT_TIMEOUT_S", "15"))
 PLACEMENT_FILE = "placement_group.json"
 TUNE_DIR = "tune"
@@ -76,9 +79,18 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = False) -> bool:
     address = check_address()
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "configure_logging": False}
     if address is None:
-        # A private local cluster needs no auth token (Ray would otherwise write ~/.ray/auth_token);
-        # it listens on loopback only, so nothing on the network can submit work to it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A local cluster listens on loopback only, and with Ray's token authentication on: other
+        # users of this machine can reach loopback too. The token is made for this cluster and
+        # travels only in the environment its processes inherit (never a file, never a runtime_env).
+        # Ray turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise
+        # (RAY_AUTH_MODE=disabled, set by the user, turns it off); without a token it would write one
+        # to ~/.ray/auth_token.
+        if os.environ.get(AUTH_MODE_ENV, "token") == "token" and not (
+                os.environ.get(AUTH_TOKEN_ENV) or os.environ.get(AUTH_TOKEN_PATH_ENV)):
+            import secrets
+
+            os.environ[AUTH_TOKEN_ENV] = secrets.token_hex(32)
+        _loopback_only()
         kwargs.update(include_dashboard=dashboard, _node_ip_address="127.0.0.1")
         if dashboard:
             kwargs["dashboard_host"] = "127.0.0.1"
@@ -89,6 +101,19 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = False) -> bool:
 
 
 _CONTEXT: Any = None
+
+
+def _loopback_only() -> None:
+    """Make a local cluster's node address 127.0.0.1, so that GCS, raylet and workers listen on
+    loopback only. `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray replaces a
+    loopback address by the host's routable one unless Ray clusters are "disabled", which is how it
+    keeps macOS and Windows single-node clusters local (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The
+    constant is read when ray is imported, so it is set both in the environment (child processes)
+    and on the imported module (this one)."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def dashboard_url() -> str | None:
@@ -211,19 +236,37 @@ def experiment_path(out: str, name: str) -> tuple[str, Any]:
     return f"{storage_path.rstrip('/')}/{name}", fs
 
 
-def restorable(out: str, settings_file: str, from_dict: Callable[[dict], Any],
-               kind: str) -> tuple[Any, str, Any]:
-    """The saved settings of the search or sweep under `out` and its restorable Tune experiment."""
-    from ray import tune
+def saved_settings(out: str, settings_file: str, from_dict: Callable[[dict], Any], kind: str) -> Any:
+    """The settings a search or sweep saved as JSON under `out`, with `out` itself as their `out`.
+
+    A restore never calls Ray's `Tuner.restore`: that unpickles `tuner.pkl` and the
+    `CLOUDPICKLE_FALLBACK` entries of `experiment_state-*.json` from storage, so anyone able to write
+    to the bucket could run code on the cluster. The project's own JSON (settings, per-trial records)
+    says what is done; the caller re-runs only what is missing. The folder the restore was asked for
+    wins over the one recorded (a moved or copied experiment is restored where it now is)."""
+    import dataclasses
 
     uri = storage.join(out, settings_file)
     if not storage.exists(uri):
         raise ValueError(f"out={out}: no {settings_file}; is it the folder of a {kind}?")
-    settings = from_dict(storage.read_json(uri))
-    path, fs = experiment_path(out, settings.name)
-    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-        raise ValueError(f"out={out}: no restorable Tune experiment at {path}")
-    return settings, path, fs
+    try:
+        saved = storage.read_json(uri)
+    except ValueError as e:
+        raise ValueError(f"{uri}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{uri}: expected a JSON object of settings, got {type(saved).__name__}")
+    try:
+        settings = from_dict({**saved, "out": out})
+    except TypeError as e:
+        raise ValueError(f"{uri}: not the settings of a {kind} ({e})") from None
+    return dataclasses.replace(settings, out=out) if dataclasses.is_dataclass(settings) else settings
+
+
+def restore_name(name: str) -> str:
+    """A fresh Tune experiment name for the points a restore re-runs (never Tune's saved state)."""
+    import time
+
+    return f"{name}-restore-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def trainable(fn: Callable[..., Any], resources: dict[str, float], **parameters: Any) -> Any:
@@ -246,6 +289,21 @@ def search_dim(kind: str, values: Sequence[Any]) -> Any:
     raise ValueError(f"search dimension kind must be grid, choice, uniform or loguniform, got {kind!r}")
 
 
+def keep_secrets_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying the driver's credential variables into every trial's runtime_env.
+
+    Tune adds AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens to each trainable's
+    `runtime_env["env_vars"]` (`ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`), and Ray's
+    runtime-env agent writes every runtime_env in clear text to `runtime_env_agent.log`, a
+    world-readable file under Ray's temp folder. Trial processes find credentials the way every Ray
+    worker does here: their own environment (inherited from the raylet on a local cluster), a
+    credentials file of mode 600, or the instance's identity."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        v for v in class_cache.ENV_VARS_TO_PROPAGATE if v not in storage.CREDENTIAL_VARS)
+
+
 def tune_fit(train_fn: Any, *, param_space: dict[str, Any], out: str, name: str, metric: str, mode: str,
              max_concurrent: int, num_samples: int = 1, asha: dict[str, Any] | None = None,
              callbacks: Sequence[Any] = ()) -> Any:
@@ -253,6 +311,7 @@ def tune_fit(train_fn: Any, *, param_space: dict[str, Any], out: str, name: str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    keep_secrets_out_of_runtime_envs()
     storage_path, fs = ray_storage(storage.join(out, TUNE_DIR))
     scheduler = ASHAScheduler(time_attr="step", **asha) if asha else None
     return tune.Tuner(
@@ -263,14 +322,6 @@ def tune_fit(train_fn: Any, *, param_space: dict[str, Any], out: str, name: str,
                                   callbacks=list(callbacks) or None, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     ).fit()
-
-
-def tune_restore(path: str, fs: Any, train_fn: Any, *, restart_errored: bool = True) -> Any:
-    """Finish an interrupted experiment: unfinished trials resume, errored ones restart."""
-    from ray import tune
-
-    return tune.Tuner.restore(path, trainable=train_fn, resume_unfinished=True, resume_errored=False,
-                              restart_errored=restart_errored, storage_filesystem=fs).fit()
 
 
 def trials_of(results: Any) -> list[Any]:
@@ -335,25 +386,55 @@ def release_placement_group(folder: str) -> bool:
     return True
 
 
+def trial_end_callback(on_end: Callable[[str, dict[str, Any], str, dict[str, Any]], None]) -> Any:
+    """A Tune callback calling on_end(trial_id, config, status, last_result) on the driver whenever
+    Tune finishes a trial ("TERMINATED", also when its scheduler stopped it early) or loses it
+    ("ERROR"): how searches keep their own record of what is done, as JSON."""
+    from ray import tune
+
+    class TrialEnd(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            on_end(trial.trial_id, dict(trial.config), "TERMINATED", dict(trial.last_result or {}))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            on_end(trial.trial_id, dict(trial.config), "ERROR", dict(trial.last_result or {}))
+
+    return TrialEnd()
+
+
 def release_callback(folder_of: Callable[[str], str]) -> Any:
     """A Tune callback freeing the recorded placement group of every trial Tune finished or lost;
     `folder_of(trial_id)` is where the trial's recorder wrote it."""
-    from ray import tune
-
-    class ReleaseTrainResources(tune.Callback):
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            release_placement_group(folder_of(trial.trial_id))
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            release_placement_group(folder_of(trial.trial_id))
-
-    return ReleaseTrainResources()
+    return trial_end_callback(lambda trial_id, *_: release_placement_group(folder_of(trial_id)))
 
 
 __all__ = [
-    "ADDRESS_ENV", "PLACEMENT_FILE", "TUNE_DIR", "PlacementGroupRecorder", "absolute", "check_address",
-    "cluster_resources", "concurrent_trials", "connect", "dashboard_url", "experiment_path", "fan_out",
-    "is_running", "ray_storage", "release_callback", "release_placement_group", "report", "restorable",
-    "search_dim", "session", "train_report_callback", "trainable", "trial_id", "trials_of", "tune_fit",
-    "tune_restore",
+    "ADDRESS_ENV",
+    "PLACEMENT_FILE",
+    "TUNE_DIR",
+    "PlacementGroupRecorder",
+    "absolute",
+    "check_address",
+    "cluster_resources",
+    "concurrent_trials",
+    "connect",
+    "dashboard_url",
+    "experiment_path",
+    "fan_out",
+    "is_running",
+    "keep_secrets_out_of_runtime_envs",
+    "ray_storage",
+    "release_callback",
+    "release_placement_group",
+    "report",
+    "restore_name",
+    "saved_settings",
+    "search_dim",
+    "session",
+    "train_report_callback",
+    "trainable",
+    "trial_end_callback",
+    "trial_id",
+    "trials_of",
+    "tune_fit",
 ]

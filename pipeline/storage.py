@@ -58,6 +58,7 @@ _CREDENTIAL_VARS = (
     "AZURE_STORAGE_CONNECTION_STRING",
     "AZURE_STORAGE_ACCOUNT_KEY",
 )
+CREDENTIAL_VARS = (*_CREDENTIAL_VARS, "AWS_SECURITY_TOKEN")
 # Non-secret variables that worker processes on other nodes need to reach the same store.
 WORKER_ENV_VARS = (
     "AWS_ENDPOINT_URL",
@@ -69,6 +70,29 @@ WORKER_ENV_VARS = (
     "AZURE_STORAGE_ACCOUNT_NAME",
 )
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "connection_string", "sas")
+
+# Every object-store call has connect and read timeouts and a bounded number of retries (then a
+# ValueError naming the endpoint): a hung endpoint must fail a scheduled run, not stall it for hours.
+TIMEOUT_ENV = {"connect": "PIPELINE_STORAGE_CONNECT_TIMEOUT_S", "read": "PIPELINE_STORAGE_READ_TIMEOUT_S",
+               "retries": "PIPELINE_STORAGE_RETRIES"}
+_TIMEOUT_DEFAULTS = {"connect": 10.0, "read": 60.0, "retries": 3}
+
+
+def timeouts() -> dict[str, float]:
+    """{"connect": s, "read": s, "retries": n} from the environment (defaults 10 s, 60 s, 3)."""
+    out: dict[str, float] = {}
+    for key, var in TIMEOUT_ENV.items():
+        raw = os.environ.get(var)
+        try:
+            value = float(raw) if raw not in (None, "") else _TIMEOUT_DEFAULTS[key]
+        except ValueError:
+            raise ValueError(f"{var}={raw!r}: expected a number") from None
+        low = 0 if key == "retries" else 1e-3
+        if not low <= value < float("inf"):
+            raise ValueError(f"{var}={raw!r}: expected a finite number >= {low:g}")
+        out[key] = int(value) if key == "retries" else value
+    return out
+
 
 _cache: dict[tuple, Any] = {}
 _cache_lock = threading.Lock()
@@ -88,6 +112,8 @@ def split_scheme(uri: str) -> tuple[str, str]:
         return "file", os.path.abspath(os.path.expanduser(rest or "/"))
     if _PROTOCOLS[scheme][0] == "memory":
         return "memory", "/" + rest.lstrip("/")
+    if not rest.strip("/"):
+        raise ValueError(f"uri={uri!r}: no bucket named; write {scheme}://BUCKET/path")
     return scheme, rest.strip("/")
 
 
@@ -110,6 +136,12 @@ def storage_options_from_env(uri: str) -> dict:
         # would also send it as a LocationConstraint, which us-east-1 rejects.
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
+        t = timeouts()
+        # botocore's own retries (standard mode, total attempts) bound every call; s3fs's retry loop
+        # on top is set to one attempt in _make_fs so that the two do not multiply.
+        options["config_kwargs"] = {"connect_timeout": t["connect"], "read_timeout": t["read"],
+                                    "retries": {"total_max_attempts": int(t["retries"]) + 1,
+                                                "mode": "standard"}}
         if os.environ.get("AWS_PROFILE"):
             options["profile"] = os.environ["AWS_PROFILE"]
     elif protocol == "gs":
@@ -172,7 +204,10 @@ def _make_fs(protocol: str, package: str | None, options: dict) -> Any:
     if protocol in ("file", "memory"):
         return cls()
     # skip_instance_cache: fsspec's own instance cache is shared across fork; ours is keyed on the pid.
-    return cls(skip_instance_cache=True, **options)
+    fs = cls(skip_instance_cache=True, **options)
+    if protocol == "s3":
+        fs.retries = 1  # botocore retries (config_kwargs); s3fs's loop would multiply the wait by 5
+    return fs
 
 
 def join(uri: str, *parts: str) -> str:
@@ -207,9 +242,14 @@ def _translate(e: BaseException, uri: str, action: str) -> BaseException:
             f"{action} {uri}: no credentials found for {scheme}://; set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance role"
         )
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
+                "ServerTimeoutError", "TimeoutError", "FSTimeoutError", "ClientConnectorError"):
         endpoint = storage_options_from_env(uri).get("client_kwargs", {}).get("endpoint_url", "the default")
-        return ValueError(f"{action} {uri}: cannot reach the storage endpoint {endpoint} ({e})")
+        t = timeouts()
+        return ValueError(
+            f"{action} {uri}: cannot reach the storage endpoint {endpoint} ({name}: {e}); gave up after "
+            f"{t['retries'] + 1} attempts with connect/read timeouts of {t['connect']:g}/{t['read']:g} s "
+            f"({TIMEOUT_ENV['connect']}, {TIMEOUT_ENV['read']}, {TIMEOUT_ENV['retries']})")
     if isinstance(e, PermissionError) or (name == "ClientError" and "AccessDenied" in str(e)):
         return ValueError(f"{action} {uri}: access denied ({e})")
     if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
@@ -369,6 +409,27 @@ def remove(uri: str, recursive: bool = False) -> None:
         fs.invalidate_cache(posixpath.dirname(path))
 
 
+TMP_MARK = ".tmp-"
+
+
+def remove_temp_objects(uri: str) -> list[str]:
+    """Remove the temporary keys `atomic_write` leaves behind when a writer is killed mid-upload
+    (`.{name}.tmp-{hex}`) anywhere under the folder `uri`; returns the URIs removed. Only for a stage
+    rerunning into its own output folder, where no other writer is active."""
+    if not exists(uri):
+        return []
+    removed = []
+    for child in find(uri):
+        name = basename(child)
+        if name.startswith(".") and TMP_MARK in name:
+            with contextlib.suppress(FileNotFoundError):
+                remove(child)
+            removed.append(child)
+    if removed:
+        log.info("removed %d orphan temporary object(s) under %s", len(removed), uri)
+    return removed
+
+
 def sha256(uri: str, chunk_size: int = 8 << 20) -> str:
     """Hex sha256 of the object at `uri`, streamed."""
     h = hashlib.sha256()
@@ -389,6 +450,13 @@ def check_writable(uri: str) -> None:
             raise ValueError(f"destination {uri}: {probe} is a file, not a folder")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise ValueError(f"destination {uri}: {probe} is not writable")
+        # os.access says yes to root everywhere (even /proc): write and delete a real file.
+        try:
+            fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            raise ValueError(f"destination {uri}: {probe} cannot be written ({e})") from None
         return
     if scheme != "memory":
         bucket = path.split("/", 1)[0]

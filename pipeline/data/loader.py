@@ -339,6 +339,11 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             self._pipeline(epoch, shards),
             batch_size=None,
+            # A DataLoader iterator draws its base seed from `generator`, or else from the global torch
+            # RNG. The global RNG is training state (dropout draws from it, and a resume restores it
+            # mid-epoch before opening a new iterator): a draw from it here would shift every later
+            # dropout mask of a resumed run. The stages are seeded by (seed, epoch, rank) anyway.
+            generator=torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank)),
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             multiprocessing_context=_worker_context() if workers else None,

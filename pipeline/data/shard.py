@@ -210,6 +210,10 @@ def _resolve_parallel(parallel: str, dest: str) -> str:
         parallel = "ray" if raykit.is_running() else "threads"
     if parallel == "ray" and storage.split_scheme(dest)[0] == "memory":
         raise ValueError(f"parallel='ray' with dest={dest!r}: memory:// is per-process; use 'threads'")
+    if parallel == "ray":
+        from .. import raykit
+
+        raykit.check_address()  # an unreachable RAY_ADDRESS fails here, in seconds, naming it
     return parallel
 
 
@@ -269,9 +273,12 @@ def shard_dataset(
     arrays, one group per shard: no decoding in the loader; see pipeline.data.manifest).
     """
     _validate(shard_size, test_fraction, seed, parallel, encoding)
+    storage.split_scheme(dest)  # "s3://" without a bucket is refused before it becomes a folder "s3:"
     dest = dest.rstrip("/")
     parallel = _resolve_parallel(parallel, dest)
     storage.check_writable(dest)  # a missing bucket or credentials fail here, before any work
+    # A killed earlier run of this stage may have left temporary keys of half-uploaded shards.
+    storage.remove_temp_objects(dest)
     src = open_source(source, skip_bad=skip_bad)
     if len(src) == 0:
         raise ValueError(f"source {src.uri}: no images (empty source)")

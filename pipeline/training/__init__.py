@@ -11,7 +11,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "InMemoryBatches": "loop", "Trainer": "loop", "fit": "loop", "unwrap": "loop",
+    "InMemoryBatches": "loop", "Trainer": "loop", "TrainingDivergedError": "loop", "fit": "loop",
+    "unwrap": "loop",
     "export_ema": "checkpoint", "latest_checkpoint": "checkpoint", "list_checkpoints": "checkpoint",
     "load_checkpoint": "checkpoint", "load_model": "checkpoint",
     "SamplingModel": "checkpoint", "save_checkpoint": "checkpoint",

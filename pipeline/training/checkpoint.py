@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
+import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +29,9 @@ from .. import storage
 from ..config import TrainConfig
 from ..diffusion.sde import SDE, ScoreFn
 
+log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
+_ZIP_MAGIC = b"PK\x03\x04"
 EMA_EXPORT = "ema-final.pt"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 # What atomic_write leaves behind when its writer process is killed: ".{name}.tmp-{hex}".
@@ -48,6 +53,21 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), storage.join(root, CHECKPOINT_DIR, name)))
     return sorted(found)
+
+
+def load_latest(root: str, *, map_location: str | torch.device = "cpu",
+                say: Callable[[str], None] | None = None) -> tuple[str | None, dict[str, Any] | None]:
+    """(uri, state) of the newest checkpoint under `root` that loads, or (None, None) when none does.
+
+    A newer checkpoint that does not load (truncated, corrupted, tampered) is skipped, and `say` (or
+    the log) is told which one and why: a resume then redoes one interval more instead of failing."""
+    for _, uri in reversed(list_checkpoints(root)):
+        try:
+            return uri, load_checkpoint(uri, map_location=map_location)
+        except (ValueError, FileNotFoundError) as e:
+            line = f"skipping checkpoint {uri}: {e}"
+            (say or log.warning)(line)
+    return None, None
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -97,11 +117,19 @@ def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> di
 def _load_bytes(data: bytes, uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not data:
         raise ValueError(f"checkpoint {uri} is empty (0 bytes): not a checkpoint this project wrote")
+    if not data.startswith(_ZIP_MAGIC):  # torch.save has written zip archives since PyTorch 1.6
+        raise ValueError(f"checkpoint {uri} is not a PyTorch checkpoint ({len(data)} bytes starting "
+                         f"{data[:8]!r}): corrupt, truncated, or not a file this project wrote")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as e:  # a foreign or corrupted file: say which one
-        raise ValueError(f"checkpoint {uri} cannot be loaded with weights_only=True "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file holds code
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                     "objects other than tensors")
+        raise ValueError(f"checkpoint {uri} holds more than tensors and plain containers ({found}); "
+                         "refused by weights_only=True loading, since loading it could run code") from None
+    except Exception as e:  # a damaged archive: say which file and what broke
+        detail = str(e).splitlines()[0] if str(e).strip() else "no detail"
+        raise ValueError(f"checkpoint {uri} is corrupt ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {uri} holds a {type(state).__name__}, not a checkpoint dict")
     return state

@@ -64,13 +64,26 @@ class _Accum:
     grad_norm_sum: Tensor
     finite_steps: Tensor
     skipped: Tensor  # steps skipped since the last flush into Position (a device count)
+    worst_run: Tensor  # the longest run of consecutive skipped steps since the last flush (device)
     steps: int = 0
     images: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient: the run diverged."""
+
+
 class Trainer:
     """Runs optimisation steps on built components (torchtitan's split: the loop does not build).
+
+    Non-finite steps: a step whose loss or gradient norm is not finite changes nothing (weights,
+    optimiser state, EMA); `config.max_consecutive_skips` of them in a row raise
+    `TrainingDivergedError`. The rule is checked where reading the device is free: at once on the CPU, and
+    on CUDA only when metrics or state are read back (every report and checkpoint, and the end of
+    `fit`), from a device counter of the current run of skips and the longest run since the last
+    read, so the check adds no host sync per step. A diverged CUDA run therefore stops at its next
+    report, before that report's checkpoint is written.
 
     `Trainer.from_config` is the edge that builds net, process, loss, optimiser and EMA from a
     TrainConfig; the constructor takes them built, so a caller can hand over any network or loss. The
@@ -97,6 +110,7 @@ class Trainer:
         # Post-hoc EMA profiles (EDM2): updated every step, snapshotted by the runner every phema_every.
         self.phema = PowerEMA(net, config.phema_sigma_rels) if config.phema_sigma_rels else None
         self._sigma_edges = torch.tensor(SIGMA_BUCKETS, device=self.device, dtype=torch.float64)
+        self._skip_run = torch.zeros((), device=self.device, dtype=torch.float64)  # current run of skips
         self._accum = self._new_accum()
 
     @classmethod
@@ -173,11 +187,16 @@ class Trainer:
         if self._skip_on_device():
             self._masked_optimizer_step(finite)
             self.ema.update_masked(self.net, batch_size=self.config.batch_size, apply=finite)
-        elif bool(finite):  # on the CPU the device is the host: this read costs nothing
-            self.optimizer.step()
-            self.ema.update(self.net, batch_size=self.config.batch_size)
+            host_finite = None
+        else:
+            host_finite = bool(finite)  # on the CPU the device is the host: this read costs nothing
+            if host_finite:
+                self.optimizer.step()
+                self.ema.update(self.net, batch_size=self.config.batch_size)
         self._record(per_sample.detach(), sigma.detach(), grad_norm.detach(), finite, x.shape[0])
         self.position.step += 1
+        if host_finite is False:
+            self._check_skip_run(int(self._skip_run))
         if self.phema is not None:  # a skipped step left the weights as they were: averaging them is exact
             self.phema.update(self.net, self.position.step)
 
@@ -231,7 +250,7 @@ class Trainer:
     def _new_accum(self) -> _Accum:
         z = lambda n=(): torch.zeros(n, device=self.device, dtype=torch.float64)  # noqa: E731
         nb = len(SIGMA_BUCKETS) + 1
-        return _Accum(z(), z(), z(nb), z(nb), z(), z(), z())
+        return _Accum(z(), z(), z(nb), z(nb), z(), z(), z(), z())
 
     def _record(self, per_sample: Tensor, sigma: Tensor, grad_norm: Tensor, finite: Tensor, n: int) -> None:
         """Accumulate a step's metrics on the device; a skipped step adds exact zeros and one skip."""
@@ -246,14 +265,28 @@ class Trainer:
         a.grad_norm_sum += torch.where(finite, grad_norm.double(), 0.0)
         a.finite_steps += keep
         a.skipped += 1.0 - keep
+        self._skip_run.add_(1.0).mul_(1.0 - keep)  # +1 on a skip, back to 0 on a taken step
+        torch.maximum(a.worst_run, self._skip_run, out=a.worst_run)
         a.steps += 1
         a.images += n
 
     def _flush_skipped(self) -> None:
-        """Fold the device's count of skipped steps into `position` (one host read: reports, checkpoints)."""
-        skipped = self._accum.skipped
-        self.position.skipped_steps += int(skipped.item())
-        skipped.zero_()
+        """Fold the device's count of skipped steps into `position` and apply the consecutive-skip rule
+        (one host read: reports, checkpoints)."""
+        a = self._accum
+        skipped, worst = (int(v) for v in torch.stack([a.skipped, a.worst_run]).tolist())
+        self.position.skipped_steps += skipped
+        a.skipped.zero_()
+        a.worst_run.copy_(self._skip_run)  # a run still going on carries over to the next read
+        self._check_skip_run(worst)
+
+    def _check_skip_run(self, run: int) -> None:
+        limit = self.config.max_consecutive_skips
+        if run >= limit:
+            raise TrainingDivergedError(
+                f"{run} consecutive steps (up to step {self.position.step}) had a non-finite loss or "
+                f"gradient and were skipped (max_consecutive_skips={limit}): the run diverged. Lower lr "
+                f"(now {self.config.lr:g}), raise warmup_steps or grad clipping, or check the data")
 
     def pop_metrics(self) -> dict[str, Any]:
         """Metrics since the last call (one host sync), then reset the accumulators."""
@@ -308,6 +341,7 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._skip_run.zero_()  # a checkpoint is only written after the rule passed
         self._accum = self._new_accum()
 
 
@@ -389,4 +423,7 @@ def fit(trainer: Trainer, batches: Callable[[int], Iterable[Batch]], *, steps: i
         bar.close()
     if not last or last.get("step") != pos.step:
         last = trainer.pop_metrics()
+    if pos.step > 0 and trainer.position.skipped_steps >= pos.step:
+        raise TrainingDivergedError(f"all {pos.step} steps had a non-finite loss or gradient and were "
+                                    "skipped: the model did not train")
     return last

@@ -37,9 +37,9 @@ from ..layout import RunLayout
 from .checkpoint import (
     EMA_EXPORT,
     export_ema,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest,
     save_checkpoint,
 )
 from .loop import Batch, Trainer, fit, unwrap
@@ -163,9 +163,19 @@ def validate_run(config: TrainConfig, *, data: str | None, out: str, options: Ru
         net_cfg = {**ae.config, "num_classes": None}
         build_autoencoder_loss(ae, **config.loss_kwargs)
     else:
-        net_cfg = preset_config(config.preset, **config.model_overrides)  # unknown preset → ValueError
-        sde = build_sde(config.sde, **config.sde_kwargs)
-        build_loss(config.loss, sde, **config.loss_kwargs)
+        preset_config(config.preset)  # unknown preset → ValueError naming it
+        check_network(config)  # then the overrides, named
+        net_cfg = preset_config(config.preset, **config.model_overrides)
+        try:
+            sde = build_sde(config.sde, **config.sde_kwargs)
+        except TypeError as e:
+            raise ValueError(f"sde_kwargs={config.sde_kwargs}: not options of sde {config.sde!r} "
+                             f"({e})") from None
+        try:
+            build_loss(config.loss, sde, **config.loss_kwargs)
+        except TypeError as e:
+            raise ValueError(f"loss_kwargs={config.loss_kwargs}: not options of loss {config.loss!r} "
+                             f"({e})") from None
     if need_data:
         if data is None:
             raise ValueError("data: a sharded dataset URI is required (folder holding manifest.json)")
@@ -203,6 +213,15 @@ def _check_data(data: str, config: TrainConfig, net_cfg: dict[str, Any], options
     if count is not None and config.batch_size > int(count):
         raise ValueError(f"batch_size={config.batch_size} exceeds the {count} images of split {split!r} "
                          f"of data={data}: choose batch_size <= {count}")
+    counts = sorted(int(s["count"]) for s in shards if isinstance(s.get("count"), int))
+    if len(counts) == len(shards):
+        # Shards are dealt to ranks (in an epoch-dependent order): the poorest rank holds at least the
+        # len // workers smallest shards, and must fill one batch of its share per epoch.
+        least, per_rank = sum(counts[: len(counts) // workers]), config.batch_size // workers
+        if per_rank > least:
+            raise ValueError(f"batch_size={config.batch_size} over workers={workers} is {per_rank} images "
+                             f"per rank, but a rank may get only {least} images of split {split!r} of "
+                             f"data={data}: choose batch_size <= {least * workers} or fewer workers")
     shape = _image_shape(manifest.get("image"))
     want = (net_cfg["in_channels"], net_cfg["image_size"], net_cfg["image_size"])
     if shape is not None and tuple(shape) != want:
@@ -215,6 +234,25 @@ def _check_data(data: str, config: TrainConfig, net_cfg: dict[str, Any], options
         from ..data.augment import check_xflip
 
         check_xflip(manifest, data)
+
+
+def check_network(config: TrainConfig) -> None:
+    """Build the network and run one forward pass on the meta device (shapes only: no memory, no
+    arithmetic) so that bad model_overrides fail here, on the driver, as a ValueError naming them,
+    instead of inside every worker attempt."""
+    from ..models import build_unet, preset_config
+
+    try:
+        cfg = preset_config(config.preset, **config.model_overrides)
+        with torch.device("meta"):
+            net = build_unet(config.preset, **config.model_overrides)
+            x = torch.empty(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+            net(x, torch.empty(2))  # unconditional call: the label check reads values, which meta has not
+    except ValueError as e:
+        raise ValueError(f"model_overrides={config.model_overrides}: {e}") from None
+    except Exception as e:  # the constructor's TypeError/AssertionError/RuntimeError on bad values
+        raise ValueError(f"model_overrides={config.model_overrides}: the {config.preset!r} network cannot "
+                         f"be built with them ({type(e).__name__}: {e})") from None
 
 
 def _image_shape(image: Any) -> tuple[int, int, int] | None:
@@ -310,12 +348,16 @@ def _worker(loop_config: dict[str, Any]) -> None:
 def _resume(trainer: Trainer, job: _Job, rank: int, world: int, distributed: bool) -> list[dict[str, Any]]:
     """Load the latest checkpoint under `out` (chosen by rank 0 for all), with this rank's own data
     position and RNG states; returns the run history up to it."""
-    uri = [latest_checkpoint(job.out) if rank == 0 else None]
+    # Rank 0 picks the newest checkpoint that loads (saying which newer ones it skipped and why);
+    # the others load that same one. RNG states must stay CPU ByteTensors: map to the CPU.
+    uri, state = load_latest(job.out, map_location="cpu", say=_say) if rank == 0 else (None, None)
+    uri = [uri]
     if distributed:
         torch.distributed.broadcast_object_list(uri, src=0)
     if uri[0] is None:
         return []
-    state = load_checkpoint(uri[0], map_location="cpu")  # RNG states must stay CPU ByteTensors
+    if state is None:
+        state = load_checkpoint(uri[0], map_location="cpu")
     ranks = state.get("ranks")
     if ranks is not None and len(ranks) == world:
         state = {**state, **ranks[rank]}
@@ -424,4 +466,4 @@ def _summary(m: dict[str, Any], steps: int) -> str:
             f"lr {m['lr']:.2e}  {m['img_per_s']:,.0f} img/s  skipped {m['skipped_steps']}")
 
 
-__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "train", "validate_run"]
+__all__ = ["HEALTH_CHECK_ENV", "TrainResult", "check_cluster", "check_network", "train", "validate_run"]

@@ -8,8 +8,9 @@ conditional model itself. A point is scored by FID against the data's reference 
 domain classifier's features, and by that classifier's accuracy on the labels the samples were
 conditioned on (the precision proxy: guidance trades diversity for samples the classifier recognises).
 
-Storage, under `out`: `sweep.json`, `tune/{name}/` (restorable), `points/{sampler}-s{steps}-w{w}/`
-(`samples.pt`: the float samples, their labels and seeds; `score.json`), `fid-stats/` and the report
+Storage, under `out`: `sweep.json`, `tune/{name}*/` (Tune's own, never read back),
+`points/{sampler}-s{steps}-w{w}/` (`samples.pt`: the float samples, their labels and seeds;
+`score.json`, the record a restore reads), `fid-stats/` and the report
 (`report.md`, `report.json`, `fid_vs_w.png`, with the best w per sampler and NFE).
 """
 
@@ -171,26 +172,55 @@ def sweep_guidance(
     sweep = GuidanceSweep(checkpoint=raykit.absolute(checkpoint), data=raykit.absolute(data),
                           classifier=raykit.absolute(classifier), out=raykit.absolute(out), **options)
     validate_sweep(sweep)
+    return _run(sweep, grid_points(sweep), sweep.name, callbacks)
+
+
+def restore_guidance(out: str) -> dict[str, Any]:
+    """Finish an interrupted sweep: re-run only the points without a `score.json`, under `out` (which
+    wins over the `out` recorded in sweep.json). Nothing of Tune's pickled state is read (see
+    `raykit.saved_settings`); finished points are not redrawn."""
+    sweep = raykit.saved_settings(raykit.absolute(out), SWEEP_FILE, GuidanceSweep.from_dict, "guidance sweep")
+    missing = missing_points(sweep)
+    if not missing:
+        return _finish(sweep, None)
+    validate_sweep(sweep)
+    return _run(sweep, missing, raykit.restore_name(sweep.name))
+
+
+def grid_points(sweep: GuidanceSweep) -> list[dict[str, Any]]:
+    """Every (sampler, steps, guide, interval, w) of the sweep, in report order; interval and guide are
+    indices into the sweep's lists."""
+    return [{"sampler": a, "steps": int(s), "guide": g, "interval": i, "w": float(w)}
+            for a in sweep.samplers for s in sweep.steps for g in range(len(sweep.guides))
+            for i in range(len(sweep.intervals)) for w in sweep.weights]
+
+
+def _key(p: dict[str, Any]) -> tuple[Any, ...]:
+    return p["sampler"], int(p["steps"]), int(p.get("guide", 0)), int(p.get("interval", 0)), float(p["w"])
+
+
+def _point_folder(sweep: GuidanceSweep, p: dict[str, Any]) -> str:
+    return point_uri(sweep.out, p["sampler"], p["steps"], p["w"], p.get("interval", 0), p.get("guide", 0))
+
+
+def missing_points(sweep: GuidanceSweep) -> list[dict[str, Any]]:
+    """The points of the grid that have no score on storage yet."""
+    return [p for p in grid_points(sweep)
+            if not storage.exists(storage.join(_point_folder(sweep, p), "score.json"))]
+
+
+def _run(sweep: GuidanceSweep, points: list[dict[str, Any]], name: str,
+         callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Draw and score `points` as one Tune experiment `name` under `{out}/tune/`."""
     with raykit.session():
         concurrent = raykit.concurrent_trials({"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial},
                                               requested=sweep.max_concurrent, detail="one guidance point")
         _reference(sweep)  # computed once here and cached on storage; trials read the cache
         storage.write_json(storage.join(sweep.out, SWEEP_FILE), sweep.to_dict())
-        space = {k: raykit.search_dim("grid", getattr(sweep, a))
-                 for k, a in (("sampler", "samplers"), ("steps", "steps"), ("w", "weights"))}
-        space["interval"] = raykit.search_dim("grid", list(range(len(sweep.intervals))))
-        space["guide"] = raykit.search_dim("grid", list(range(len(sweep.guides))))
-        results = raykit.tune_fit(_trainable(sweep), param_space=space, out=sweep.out, name=sweep.name,
+        space = {"point": raykit.search_dim("grid", points)}
+        results = raykit.tune_fit(_trainable(sweep), param_space=space, out=sweep.out, name=name,
                                   metric="fid", mode="min", max_concurrent=concurrent, callbacks=callbacks)
         return _finish(sweep, results)
-
-
-def restore_guidance(out: str) -> dict[str, Any]:
-    """Finish an interrupted sweep from its storage; finished points are not redrawn."""
-    sweep, path, fs = raykit.restorable(raykit.absolute(out), SWEEP_FILE, GuidanceSweep.from_dict,
-                                        "guidance sweep")
-    with raykit.session():
-        return _finish(sweep, raykit.tune_restore(path, fs, _trainable(sweep)))
 
 
 def _reference(sweep: GuidanceSweep, device: str = "cpu") -> tuple[Any, Any]:
@@ -219,6 +249,7 @@ def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
 
     s = GuidanceSweep.from_dict(sweep)
     device = s.device if s.device.startswith("cuda") else "cpu"
+    config = config.get("point", config)  # the driver sends the grid as a list of points
     sampler, steps, w = str(config["sampler"]), int(config["steps"]), float(config["w"])
     i, g = int(config.get("interval", 0)), int(config.get("guide", 0))
     (lo, hi), guide = s.intervals[i], s.guides[g]
@@ -255,6 +286,7 @@ def guidance_trial(config: dict[str, Any], *, sweep: dict[str, Any]) -> None:
         "nfe": nfe,
         "n": int(x.shape[0]),
         "samples": storage.join(uri, "samples.pt"),
+        "trial_id": raykit.trial_id(),
     }
     storage.write_json(storage.join(uri, "score.json"), result)
     raykit.report(result)
@@ -276,31 +308,30 @@ def best_weights(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
+    """Rows from the points' own `score.json` files (every run and restore of the sweep), with the
+    latest run's Tune status for points that have no score."""
     from .report import write_guidance_report
 
-    rows = []
-    for trial in raykit.trials_of(results):
-        m = trial.last_result or {}
-        rows.append(
-            {
-                "sampler": trial.config["sampler"],
-                "steps": int(trial.config["steps"]),
-                "w": float(trial.config["w"]),
-                "interval": list(sweep.intervals[int(trial.config.get("interval", 0))]),
-                "guide": sweep.guides[int(trial.config.get("guide", 0))],
-                "status": str(trial.status),
-                **{k: m.get(k) for k in ("fid", "precision", "nfe", "n", "samples", "floor", "floor_min",
-                                         "floor_max")},
-                "trial_id": trial.trial_id,
-            }
-        )
-    rows.sort(key=lambda r: (r["sampler"], r["steps"], str(r["guide"]), r["interval"][0], r["w"]))
+    status = {}
+    for trial in raykit.trials_of(results) if results is not None else ():
+        p = trial.config.get("point", trial.config)
+        status[_key(p)] = (str(trial.status), trial.trial_id)
+    rows, complete = [], True
+    for p in grid_points(sweep):
+        uri = storage.join(_point_folder(sweep, p), "score.json")
+        if storage.exists(uri):
+            m, st = storage.read_json(uri), "TERMINATED"
+        else:
+            m, (st, _) = {}, status.get(_key(p), ("MISSING", None))
+            complete = complete and st == "ERROR"  # an errored point is finished; a missing one is not
+        rows.append({**p, "interval": list(sweep.intervals[p["interval"]]), "guide": sweep.guides[p["guide"]],
+                     "status": st,
+                     **{k: m.get(k) for k in ("fid", "precision", "nfe", "n", "samples", "floor", "floor_min",
+                                              "floor_max")},
+                     "trial_id": m.get("trial_id") or status.get(_key(p), (None, None))[1]})
     best = best_weights(rows)
     settings = {**sweep.to_dict(), "checkpoint": sweep.checkpoint}
     report = write_guidance_report(sweep.out, rows, best, settings)
-    # An interrupted sweep may not even have generated all its points: count against the grid.
-    expected = sweep.grid_size()
-    complete = results.num_terminated + results.num_errors == expected
     return {
         "rows": rows,
         "best": best,
@@ -313,7 +344,9 @@ def _finish(sweep: GuidanceSweep, results: Any) -> dict[str, Any]:
 __all__ = [
     "GuidanceSweep",
     "best_weights",
+    "grid_points",
     "guidance_trial",
+    "missing_points",
     "point_uri",
     "restore_guidance",
     "sweep_guidance",

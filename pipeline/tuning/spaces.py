@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -238,6 +239,24 @@ def check_space_with(space: dict[str, Dim], base: TrainConfig) -> None:
             raise ValueError(f"space: the combination {point} with the base config is invalid: {e}") from None
 
 
+def draw_point(space: dict[str, Dim], grid: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """One point as Tune would draw it: `grid` gives the grid dimensions, the others are drawn from
+    their distributions (a restore adds the trials an interrupted search never started)."""
+    point: dict[str, Any] = {}
+    for name, dim in space.items():
+        if dim.kind == "grid":
+            point[name] = grid[name]
+        elif dim.kind == "fixed":
+            point[name] = dim.values[0]
+        elif dim.kind == "choice":
+            point[name] = rng.choice(dim.values)
+        elif dim.kind == "uniform":
+            point[name] = rng.uniform(*dim.values)
+        else:  # loguniform
+            point[name] = math.exp(rng.uniform(math.log(dim.values[0]), math.log(dim.values[1])))
+    return point
+
+
 def to_param_space(space: dict[str, Dim]) -> dict[str, Any]:
     """The Ray Tune param_space of a space."""
     from .. import raykit
@@ -254,6 +273,7 @@ __all__ = [
     "check_point",
     "check_space_with",
     "corner_points",
+    "draw_point",
     "loss_of",
     "num_grid_points",
     "parse_space",
