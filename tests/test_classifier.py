@@ -120,9 +120,9 @@ def test_trained_demo_model_fid_between_floor_and_noise(classifier, digits_shard
     assert res["sampler"] == "heun" and res["nfe"]["mean"] == 23 and res["guidance_w"] == 0.0
     assert res["seeds"]["first"] == 0 and res["seeds"]["last"] == n - 1
     assert res["checkpoint"]["sha256"] == storage.sha256(ckpt)
-    assert res["kid"]["mean"] > 0
+    assert res["kid"] is None and "KID omitted" in res["kid_note"]  # domain features: no KID
     report = storage.read_bytes(res["report_uris"][1]).decode()
-    assert f"{res['fid']:.4f}" in report and "grid.png" in report
+    assert f"{res['fid']:.4f}" in report and "grid.png" in report and "data:image/png;base64," in report
     assert storage.read_json(res["report_uris"][0])["fid"] == res["fid"]
 
 
