@@ -233,6 +233,24 @@ def bench_ray(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s_including_startup": time.perf_counter() - t0, "out": out}
 
 
+def bench_ray_pairs(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Train's overhead at one worker, robust to a shared machine: --ray-pairs rounds of (bare loop,
+    loop on Ray), back to back on the same cluster, each ratio from the loops' own reports over the same
+    steps; the median of the per-round overheads."""
+    import statistics
+
+    bench_ray(argparse.Namespace(**{**vars(args), "steps": args.report_every}))  # start Ray, warm caches
+    rounds = []
+    for _ in range(args.ray_pairs):
+        bare, ray = bench_loop(args)["img_per_s_reports"], bench_ray(args)["img_per_s"]
+        rounds.append({"loop": bare, "ray": ray, "overhead": 1 - ray / bare})
+        print(json.dumps(rounds[-1]), flush=True)
+    return {"name": f"loop on Ray (1 worker), median of {args.ray_pairs} rounds",
+            "img_per_s": statistics.median(r["ray"] for r in rounds),
+            "img_per_s_loop": statistics.median(r["loop"] for r in rounds),
+            "overhead": statistics.median(r["overhead"] for r in rounds), "rounds": rounds}
+
+
 def host_decided_step(t, x: Tensor, labels: Tensor | None) -> None:
     """`Trainer.train_step` before the sync-free skip (one host read of `finite` per step)."""
     import math
@@ -321,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-peak", action="store_true", help="time a bf16 matmul for the MFU denominator")
     p.add_argument("--skip", nargs="*", default=[], choices=("loop", "diffusers", "ray"))
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--ray-pairs", type=int, default=1,
+                   help="> 1: the Ray row alternates with the bare loop this many rounds (median overhead)")
     p.add_argument("--compare-step", action="store_true",
                    help="only the step A/B: sync-free train_step against the host-decided one")
     args = p.parse_args(argv)
@@ -345,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     elif peak is None and cuda:
         peak = H100_BF16_PEAK_TFLOPS
     rows = []
-    benches = (("loop", bench_loop), ("diffusers", bench_diffusers), ("ray", bench_ray))
+    benches = (("loop", bench_loop), ("diffusers", bench_diffusers),
+               ("ray", bench_ray_pairs if args.ray_pairs > 1 else bench_ray))
     for name, fn in ((("step", bench_step_ab),) if args.compare_step else benches):
         if name in args.skip:
             continue
@@ -360,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     if "loop" in by and "diffusers" in by and "img_per_s" in by["diffusers"]:
         summary["loop_over_diffusers"] = by["loop"]["img_per_s"] / by["diffusers"]["img_per_s"]
     ray_row = next((r for r in rows if r["name"].startswith("loop on Ray")), None)
-    if "loop" in by and ray_row is not None:
+    if ray_row is not None and "overhead" in ray_row:
+        summary["ray_overhead"] = ray_row["overhead"]
+    elif "loop" in by and ray_row is not None:
         # Both from the loop's own reports over the same steps, so report costs are counted alike.
         summary["ray_overhead"] = 1 - ray_row["img_per_s"] / by["loop"]["img_per_s_reports"]
     env = {"command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__,

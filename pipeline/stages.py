@@ -261,15 +261,17 @@ def interpolation_stage(checkpoint: str, data: str, out: str, *, pairs: int = 4,
     return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
 
 
-def inverse_stage(checkpoint: str, data: str, out: str, *, task: str = "inpaint-right",
-                  method: str = "replacement", n: int = 200, steps: int = 500,
-                  classifier: str | None = None) -> dict[str, Any]:
+def inverse_stage(checkpoint: str, data: str, out: str, *, classifier: str | None = None,
+                  **task: Any) -> dict[str, Any]:
     """An inverse problem solved with the unconditional model, scored by PSNR/SSIM (and, with the domain
-    classifier, class accuracy and FID of the completions)."""
+    classifier, class accuracy and FID of the completions). `task`: the fields of `InverseTask`."""
     from .evaluation.inverse_problems import InverseTask, inverse_markdown, run_inverse
 
-    res = run_inverse(checkpoint, data, out, InverseTask(task=task, method=method, n=n, steps=steps),
-                      classifier=classifier)
+    known = set(InverseTask.__dataclass_fields__)
+    if set(task) - known:
+        raise ValueError(f"unknown inverse-problem options {sorted(set(task) - known)}; "
+                         f"allowed: {sorted(known)}")
+    res = run_inverse(checkpoint, data, out, InverseTask(**task), classifier=classifier)
     markdown = inverse_markdown(res)
     return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
 

@@ -64,11 +64,43 @@ def test_inverse_problem_is_scored_and_its_picture_embedded(setup):
     assert storage.exists(str(root / "inverse" / "inverse.json"))
 
 
+def test_several_completions_per_image_are_scored_with_a_classifier(setup):
+    """k completions of each image: every one is scored against its image's truth and label, the grid
+    shows one per image, and the classifier's posterior class is computed over each image's k."""
+    from pipeline.evaluation.classifier import load_split, save_classifier, train_classifier
+    from pipeline.stages import inverse_stage
+
+    root, data, ckpt = setup
+    (xtr, ytr), (xte, yte) = load_split(data, "train"), load_split(data, "test")
+    clf, metrics = train_classifier(xtr, ytr, xte, yte, num_classes=10, epochs=2, width=8, feature_dim=32)
+    save_classifier(clf, str(root / "clf"), name="digits-test", metrics=metrics)
+    res = inverse_stage(ckpt, data, str(root / "inverse-k"), classifier=str(root / "clf"), n=4, per_image=3,
+                        steps=5, method="pigdm", sigma_y=0.05)
+    # 5 Euler–Maruyama steps and the final denoising step, one batch for all 4 × 3 completions.
+    assert res["task"]["per_image"] == 3 and res["nfe"] == 6
+    assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["class_accuracy_posterior"] <= 1
+    assert "completions per image | 3" in res["markdown"] and "p(c | y)" in res["markdown"]
+    grid = Image.open(io.BytesIO(storage.read_bytes(res["grid"])))
+    assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 4 images: truth, measurement, first completion
+
+
+def test_posterior_class_averages_probabilities_not_votes():
+    from pipeline.evaluation.inverse_problems import posterior_class
+
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.0, 1.0],   # 2 of 3 votes say 0; the mean says 1
+                          [0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])  # the mean says 0
+    assert posterior_class(probs, 3).tolist() == [1, 0]
+    assert posterior_class(probs, 1).tolist() == [0, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="groups of 4"):
+        posterior_class(probs, 4)
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(task="colorize"), "3-channel"),
     (dict(task="superres", factor=3), "factor"),
     (dict(task="smudge"), "task must be one of"),
     (dict(method="dps"), "method must be one of"),
+    (dict(per_image=0), "per_image"),
 ])
 def test_inverse_bad_input(setup, kw, words):
     from pipeline.evaluation.inverse_problems import InverseTask, run_inverse

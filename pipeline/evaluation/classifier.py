@@ -89,18 +89,22 @@ def _shift_augment(x: Tensor, g: torch.Generator, max_shift: int = 1) -> Tensor:
 
 
 @torch.no_grad()
+def class_probs(model: nn.Module, x: Tensor, *, batch_size: int = 512) -> Tensor:
+    """Softmax class probabilities [N, classes] of the images x (on the CPU)."""
+    if x.shape[0] == 0:
+        raise ValueError("class probabilities of an empty set are undefined")
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(xb.to(device)).softmax(1).cpu() for xb in x.split(batch_size)])
+
+
 def accuracy(model: nn.Module, x: Tensor, labels: Tensor, *, batch_size: int = 512) -> float:
     """Fraction of images whose argmax logit equals the label."""
     if x.shape[0] != labels.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {labels.shape[0]} labels")
     if x.shape[0] == 0:
         raise ValueError("accuracy of an empty set is undefined")
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for xb, yb in zip(x.split(batch_size), labels.split(batch_size), strict=True):
-        correct += int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
-    return correct / x.shape[0]
+    return float((class_probs(model, x, batch_size=batch_size).argmax(1) == labels).float().mean())
 
 
 def train_classifier(
@@ -243,6 +247,7 @@ def load_split(data_uri: str, split: str, *, batch_size: int = 512) -> tuple[Ten
 __all__ = [
     "DomainClassifier",
     "accuracy",
+    "class_probs",
     "digits_split",
     "load_classifier",
     "load_split",

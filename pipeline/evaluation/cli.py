@@ -101,8 +101,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="inpaint-right", choices=TASKS)
     p.add_argument("--method", default="replacement", choices=METHODS,
                    help="replacement (Song et al. 2021, PC sampler) or pigdm (noisy measurements)")
-    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--n", type=int, default=200, help="held-out images")
+    p.add_argument("--per-image", type=int, default=1,
+                   help="completions drawn for each image (with --classifier: also the accuracy of the "
+                        "class they support together)")
     p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--sigma-y", type=float, default=0.01, help="pigdm: the measurement noise std")
+    p.add_argument("--factor", type=int, default=2, help="superres: the average-pooling factor")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", help="domain classifier URI: class accuracy and FID of the completions")
     p.set_defaults(func=_inverse)
 
@@ -214,10 +220,14 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _inverse(args: argparse.Namespace) -> int:
     from ..stages import inverse_stage
 
-    res = inverse_stage(args.checkpoint, args.data, args.out, task=args.task, method=args.method, n=args.n,
-                        steps=args.steps, classifier=args.classifier)
+    res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
+                        method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
+                        sigma_y=args.sigma_y, factor=args.factor, seed=args.seed)
     extra = (f", class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.3f}"
              if "class_accuracy" in res else "")
+    if "class_accuracy_posterior" in res:
+        extra += (f", class accuracy of p(c|y) from {args.per_image} completions "
+                  f"{res['class_accuracy_posterior']:.3f}")
     print(f"{args.task} / {args.method}: PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}{extra} "
           f"→ {res['grid']}")
     return 0

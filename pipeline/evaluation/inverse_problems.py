@@ -39,7 +39,8 @@ RESULT_FILE = "inverse.json"
 class InverseTask:
     """What is measured and how it is solved. `task`: inpaint-right (the right half is unknown and
     completed from the left), inpaint-left, inpaint-center, colorize (3-channel data), superres (average
-    pooling by `factor`); `method`: replacement (noiseless y) or pigdm (y with noise σ_y)."""
+    pooling by `factor`); `method`: replacement (noiseless y) or pigdm (y with noise σ_y). `per_image`
+    completions are drawn for every measurement (independent posterior samples)."""
 
     task: str = "inpaint-right"
     method: str = "replacement"
@@ -49,13 +50,14 @@ class InverseTask:
     sigma_y: float = 0.01
     seed: int = 0
     split: str = "test"
+    per_image: int = 1
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("n", "steps", "factor"):
+        for name in ("n", "steps", "factor", "per_image"):
             check_int(name, getattr(self, name), 2 if name == "n" else 1)
         if not self.sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
@@ -115,15 +117,18 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     y = op.measure(x)
     if task.method == "pigdm":
         y = y + task.sigma_y * torch.randn(y.shape, generator=g)
+    k = task.per_image  # completions of one image sit next to each other: rows i·k … i·k + k - 1
+    truth, y_k = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
     t0 = time.perf_counter()
-    completed, nfe = _solve(model, op, y, tuple(x.shape), task)
+    completed, nfe = _solve(model, op, y_k, tuple(truth.shape), task)
     done = snap_to_levels(completed.float().clamp(-1, 1), levels)  # stored and scored on the data's grid
-    scores = reconstruction_metrics(done, x)  # means over the images
+    scores = reconstruction_metrics(done, truth)  # means over all completions
     result: dict[str, Any] = {"checkpoint": model.describe(), "data": data, "task": asdict(task),
                               "nfe": nfe, "psnr": scores["psnr"], "ssim": scores["ssim"],
                               "seconds": time.perf_counter() - t0}
     if classifier:
-        result.update(_classifier_scores(done, labels, classifier, data, levels))
+        result.update(_classifier_scores(done, labels, classifier, data, levels, k))
+    done = done[::k]  # the grid shows each image's first completion
     shown = min(10, task.n)
     seen = (op.lift(y[:shown], tuple(x[:shown].shape)) if task.task.startswith("inpaint")
             else _as_image(op, y[:shown], x[:shown]))
@@ -144,32 +149,54 @@ def _as_image(op: Measurement, y: Tensor, like: Tensor) -> Tensor:
     return y.repeat_interleave(f, -1).repeat_interleave(f, -2)
 
 
-def _classifier_scores(done: Tensor, labels: Tensor, classifier: str, data: str, levels: int) -> dict:
-    from .classifier import accuracy
+def _classifier_scores(done: Tensor, labels: Tensor, classifier: str, data: str, levels: int,
+                       per_image: int) -> dict:
+    """Class accuracy of every completion, and of the class the k completions of an image support
+    together: argmax_c of (1/k) Σ_j p_clf(c | x_j), the Monte Carlo estimate of p(c | y) under the
+    posterior samples (the Bayes decision; a single posterior sample is right only with probability
+    E[p(c_true | y)], which ambiguous measurements keep below the Bayes accuracy)."""
+    from .classifier import class_probs
     from .features import build_extractor
     from .fid import reference_stats
     from .scoring import fid_and_precision
 
     ext = build_extractor("domain", weights=classifier)
     ref = reference_stats(data, ext, split="train")
-    scores = fid_and_precision(done, labels, extractor=ext, reference=ref, levels=levels)
-    return {"class_accuracy": accuracy(ext.model, done, labels), "fid": scores["fid"],
-            "fid_floor": scores.get("floor")}
+    labels_k = labels.repeat_interleave(per_image)
+    scores = fid_and_precision(done, labels_k, extractor=ext, reference=ref, levels=levels)
+    probs = class_probs(ext.model, done)
+    out = {"class_accuracy": float((probs.argmax(1) == labels_k).float().mean()), "fid": scores["fid"],
+           "fid_floor": scores.get("floor")}
+    if per_image > 1:
+        out["class_accuracy_posterior"] = float((posterior_class(probs, per_image) == labels).float().mean())
+    return out
+
+
+def posterior_class(probs: Tensor, per_image: int) -> Tensor:
+    """argmax_c (1/k) Σ_j p_clf(c | x_j) over each image's k = `per_image` completions (adjacent rows of
+    `probs` [n·k, classes]): the class of highest posterior probability p(c | y) by Monte Carlo."""
+    if probs.shape[0] % per_image:
+        raise ValueError(f"{probs.shape[0]} completions are not a whole number of groups of {per_image}")
+    return probs.reshape(probs.shape[0] // per_image, per_image, -1).mean(1).argmax(1)
 
 
 def inverse_markdown(res: dict[str, Any]) -> str:
     from ..reports import embed_png, fmt, table
 
     t = res["task"]
-    rows = [("task / method", f"{t['task']} / {t['method']}"), ("images", t["n"]), ("NFE", res["nfe"]),
+    rows = [("task / method", f"{t['task']} / {t['method']}"), ("images", t["n"]),
+            ("completions per image", t.get("per_image", 1)), ("NFE", res["nfe"]),
             ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
     if "class_accuracy" in res:
-        rows += [("class accuracy of completions", res["class_accuracy"]),
-                 ("FID of completions (floor at N)",
-                  f"{fmt(res['fid'], 3)} ({fmt(res.get('fid_floor'), 3)})")]
+        rows += [("class accuracy of completions", res["class_accuracy"])]
+        if "class_accuracy_posterior" in res:
+            rows += [("class accuracy of p(c | y) from the completions", res["class_accuracy_posterior"])]
+        fid = f"{fmt(res['fid'], 3)} ({fmt(res.get('fid_floor'), 3)})"
+        rows += [("FID of completions (floor at N)", fid)]
     return ("### Inverse problem with an unconditional model\n\n" + table(rows)
-            + "\n\nRows: ground truth, measurement, completion.\n\n"
+            + "\n\nRows: ground truth, measurement, completion (the first of each image's).\n\n"
             + embed_png(res["png"], "inverse problem", link=res["grid"]))
 
 
-__all__ = ["METHODS", "TASKS", "InverseTask", "inverse_markdown", "measurement", "run_inverse"]
+__all__ = ["METHODS", "TASKS", "InverseTask", "inverse_markdown", "measurement", "posterior_class",
+           "run_inverse"]
