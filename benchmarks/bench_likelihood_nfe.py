@@ -13,7 +13,8 @@ that likelihood.py and checks those defaults are still what it says before measu
 
 Both sides use the exact trace (a Hutchinson probe's variance would hide the solver's error) and the
 mixture's closed-form score, so the only error is the solver's. Accuracy is the largest error over the
-batch, in bits/dim, of log p_eps(x) − log p_T(z) + log π(z), exact for any latent z the solve reaches.
+samples of all --batches batches (NFE is summed over them), in bits/dim, against
+log p_eps(x) − log p_T(z) + log π(z), exact for any latent z the solve reaches.
 For `ode_likelihood` every (variable, method, tolerance) is measured; a row "matches" score_sde when
 its error is no larger; the cheapest matching row gives the ratio.
 """

@@ -4,7 +4,9 @@ checkpoint; bad input fails on the driver before any worker starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from ray import cloudpickle
+from ray.train import UserCallback
 
 from pipeline import storage
 from pipeline.cli import main as cli_main
@@ -206,3 +209,35 @@ def test_cli_reports_bad_input_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("diffusion-pipeline train: error: preset must be one of") and err.count("\n") == 1
+
+
+
+class ReportLog(UserCallback):
+    """A Ray Train callback (it runs in the controller) that appends every report's metrics to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics[0]) + "\n")
+
+
+@pytest.mark.integration
+def test_resuming_a_finished_run_reports_its_last_metrics(ray_local, bucket, digits_shards,  # noqa: F811
+                                                          tmp_path):
+    """A run stopped after its final checkpoint (a Tune search interrupted then) and resumed has no step
+    left to run; it still reports its last metrics, so that a Tune trial ends with its metric (Tune's
+    strict metric check) rather than an empty result."""
+    from pipeline.training.ray_train import train
+
+    out, steps = f"{bucket}/runs/finished-then-resumed", 10
+    options = RunOptions(workers=1, report_every=5, checkpoint_every=10, progress=False)
+    first = train(_config(steps=steps), data=digits_shards, out=out, options=options)
+    log = tmp_path / "reports.jsonl"
+    again = train(_config(steps=steps), data=digits_shards, out=out,
+                  options=dataclasses.replace(options, resume=True), callbacks=[ReportLog(str(log))])
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(reports) == 1 and reports[0]["step"] == steps
+    assert reports[0]["loss"] == first.metrics["loss"]
+    assert again.step == steps and [h["step"] for h in again.history] == [5, 10]

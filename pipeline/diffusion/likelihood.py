@@ -300,7 +300,7 @@ def ode_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, *, trace: str = "hutc
     integration=Integration() integrates in the angle θ = arctan σ̃ of the noise level with the state in
     variance-preserving units (see `_solve_noise_level`): the same log p_eps(x) as score_sde's
     integration in the SDE's own time (variable="t"), in fewer score evaluations for the same accuracy
-    (benchmarks/RESULTS.md: 1.3× on VP, 1.5× on sub-VP, 3.5× on VE).
+    (benchmarks/RESULTS.md: 1.13× fewer on VP, 1.5× on sub-VP, 3.5× on VE).
     """
     x = check_data(x)
     if not isinstance(integration, Integration):

@@ -335,6 +335,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
         if job.on_step is not None:
             job.on_step(tr, x, labels)
 
+    if trainer.position.step >= config.steps:
+        # Resumed from the final checkpoint (the run was stopped after it, before it returned): say the
+        # last report again, so that a Tune trial ends with its metrics rather than an empty result.
+        _report_final(job, trainer, rank, history)
     fit(trainer, batches, steps=config.steps, report_every=job.options.report_every,
         on_report=reporter.on_report, checkpoint_every=job.options.checkpoint_every,
         on_checkpoint=reporter.on_checkpoint, on_step=on_step)
@@ -343,6 +347,21 @@ def _worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         export_ema(storage.join(job.out, EMA_EXPORT), ema=trainer.ema.state_dict(), config=job.config,
                    step=trainer.position.step, network=getattr(unwrap(trainer.net), "config", None))
+
+
+def _report_final(job: _Job, trainer: Trainer, rank: int, history: list[dict[str, Any]]) -> None:
+    """Report the finished run's last metrics (every rank calls it: a report is a barrier); rank 0
+    takes them from the history, or evaluates afresh where the history lacks that step."""
+    import ray.train
+
+    step = trainer.position.step
+    metrics: dict[str, Any] = {"step": step}
+    if rank == 0:
+        if history and history[-1].get("step") == step:
+            metrics = dict(history[-1])
+        elif job.evaluate is not None:
+            metrics = {**metrics, **job.evaluate(trainer)}
+    ray.train.report(metrics)
 
 
 def _resume(trainer: Trainer, job: _Job, rank: int, world: int, distributed: bool) -> list[dict[str, Any]]:
