@@ -10,7 +10,7 @@ from prefect import flow, task
 
 from pipeline import stages
 
-from .tasks import RETRY, publish
+from .tasks import RETRY, LiveBar, publish
 
 
 @task(name="interpolation", **RETRY)
@@ -21,7 +21,8 @@ def interpolation_task(checkpoint: str, data: str, out: str, pairs: int, n: int)
 
 @task(name="inverse-problem", **RETRY)
 def inverse_task(checkpoint: str, data: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
-    return publish(stages.inverse_stage(checkpoint, data, out, **options), "inverse-problem",
+    bar = LiveBar("inverse-progress", "sampler steps done / total (%)")
+    return publish(stages.inverse_stage(checkpoint, data, out, on_progress=bar, **options), "inverse-problem",
                    "inverse problem with the unconditional model")
 
 

@@ -72,19 +72,34 @@ def shard_task(source: str, data: str, shard_size: int = 1000, test_fraction: fl
     return publish(res, "dataset", "WebDataset shards and manifest")
 
 
+class LiveBar:
+    """A progress artifact in the Prefect UI, fed {"step", "total"}; it is written only when the whole
+    percentage changes (a 500-step sampler makes at most 100 API calls, not 500)."""
+
+    def __init__(self, key: str, description: str) -> None:
+        self.key, self.description = key, description
+        self.bar: Any = None
+        self.shown = -1
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        done = 100.0 * p["step"] / max(p["total"], 1)
+        if int(done) == self.shown:
+            return
+        self.shown = int(done)
+        if self.bar is None:
+            self.bar = create_progress_artifact(done, key=self.key, description=self.description)
+        else:
+            update_progress_artifact(self.bar, done)
+
+
 class _LiveTraining:
     """Progress bar and live metrics table of a training run in the Prefect UI, updated at each report."""
 
     def __init__(self) -> None:
-        self.bar: Any = None
+        self.bar = LiveBar("training-progress", "training steps done / total (%)")
 
     def __call__(self, p: dict[str, Any]) -> None:
-        done = 100.0 * p["step"] / max(p["total"], 1)
-        if self.bar is None:
-            self.bar = create_progress_artifact(done, key="training-progress",
-                                                description="training steps done / total (%)")
-        else:
-            update_progress_artifact(self.bar, done)
+        self.bar(p)
         create_markdown_artifact(reports.progress_markdown(p), key="training-live",
                                  description="training metrics at the latest report")
 

@@ -262,16 +262,18 @@ def interpolation_stage(checkpoint: str, data: str, out: str, *, pairs: int = 4,
 
 
 def inverse_stage(checkpoint: str, data: str, out: str, *, classifier: str | None = None,
-                  **task: Any) -> dict[str, Any]:
+                  on_progress: Callable[[dict[str, Any]], None] | None = None, **task: Any) -> dict[str, Any]:
     """An inverse problem solved with the unconditional model, scored by PSNR/SSIM (and, with the domain
-    classifier, class accuracy and FID of the completions). `task`: the fields of `InverseTask`."""
+    classifier, class accuracy and FID of the completions). `task`: the fields of `InverseTask`;
+    `on_progress({"step", "total"})` after each sampler step."""
     from .evaluation.inverse_problems import InverseTask, inverse_markdown, run_inverse
 
     known = set(InverseTask.__dataclass_fields__)
     if set(task) - known:
         raise ValueError(f"unknown inverse-problem options {sorted(set(task) - known)}; "
                          f"allowed: {sorted(known)}")
-    res = run_inverse(checkpoint, data, out, InverseTask(**task), classifier=classifier)
+    res = run_inverse(checkpoint, data, out, InverseTask(**task), classifier=classifier,
+                      on_progress=on_progress)
     markdown = inverse_markdown(res)
     return {**{k: v for k, v in res.items() if k not in ("png", "checkpoint")}, "markdown": markdown}
 

@@ -181,6 +181,35 @@ def test_permanent_failure_fails_the_flow_with_the_error_in_its_logs(harness, tm
     assert not storage.exists(str(tmp_path / "data" / "manifest.json"))
 
 
+def test_inverse_flow_shows_progress_and_its_picture(harness, tmp_path):
+    """The inverse-problem flow on a small checkpoint: a progress artifact that reaches 100% (updated at
+    most once per whole percent) and the markdown artifact with its embedded grid."""
+    import torch
+
+    from flows.extras import inverse_flow
+    from pipeline.config import TrainConfig
+    from pipeline.data.shard import shard_dataset
+    from pipeline.data.sources import digits_source
+    from pipeline.models import build_unet
+    from pipeline.training.checkpoint import export_ema
+
+    data = str(tmp_path / "data")
+    shard_dataset(digits_source().subset(list(range(40))), data, shard_size=20, test_fraction=0.5,
+                  parallel="none")
+    cfg = TrainConfig(preset="tiny-digits", loss="edm", loss_kwargs={"sigma_data": 0.5},
+                      model_overrides={"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                       "attn_resolutions": []})
+    torch.manual_seed(0)
+    net = build_unet(cfg.preset, **cfg.model_overrides)
+    ckpt = export_ema(str(tmp_path / "ema.pt"), ema=net.state_dict(), config=cfg.to_dict(), step=0)
+    state = inverse_flow(ckpt, data, str(tmp_path / "inverse"), n=3, steps=25, return_state=True)
+    assert state.is_completed()
+    by_key = {a.key: a for a in _artifacts(state.state_details.flow_run_id) if a.key}
+    assert by_key["inverse-progress"].data == 100.0
+    assert "data:image/png;base64," in by_key["inverse-problem"].data
+    assert storage.exists(str(tmp_path / "inverse" / "inverse.json"))
+
+
 def test_transient_classification():
     from flows.tasks import is_transient
 

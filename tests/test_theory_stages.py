@@ -58,8 +58,10 @@ def test_inverse_problem_is_scored_and_its_picture_embedded(setup):
     from pipeline.stages import inverse_stage
 
     root, data, ckpt = setup
-    res = inverse_stage(ckpt, data, str(root / "inverse"), n=6, steps=25)
+    seen = []
+    res = inverse_stage(ckpt, data, str(root / "inverse"), n=6, steps=25, on_progress=seen.append)
     assert 0 < res["ssim"] <= 1 and res["psnr"] > 0 and res["nfe"] == 50
+    assert seen == [{"step": i, "total": 25} for i in range(1, 26)]  # progress after every PC step
     assert _embedded(res["markdown"]).size == Image.open(io.BytesIO(storage.read_bytes(res["grid"]))).size
     assert storage.exists(str(root / "inverse" / "inverse.json"))
 
@@ -74,8 +76,10 @@ def test_several_completions_per_image_are_scored_with_a_classifier(setup):
     (xtr, ytr), (xte, yte) = load_split(data, "train"), load_split(data, "test")
     clf, metrics = train_classifier(xtr, ytr, xte, yte, num_classes=10, epochs=2, width=8, feature_dim=32)
     save_classifier(clf, str(root / "clf"), name="digits-test", metrics=metrics)
+    seen = []
     res = inverse_stage(ckpt, data, str(root / "inverse-k"), classifier=str(root / "clf"), n=4, per_image=3,
-                        steps=5, method="pigdm", sigma_y=0.05)
+                        steps=5, method="pigdm", sigma_y=0.05, on_progress=seen.append)
+    assert [p["step"] for p in seen] == [1, 2, 3, 4, 5]
     # 5 Euler–Maruyama steps and the final denoising step, one batch for all 4 × 3 completions.
     assert res["task"]["per_image"] == 3 and res["nfe"] == 6
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["class_accuracy_posterior"] <= 1

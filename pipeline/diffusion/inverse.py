@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .samplers import (
+    Callback,
     ScoreCounter,
     _langevin_alpha,
     _noise,
@@ -233,12 +234,12 @@ def _replace(op: Measurement, x: Tensor, u_y: Tensor, alpha: float, sigma: float
 
 def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, shape: tuple[int, ...], *,
                        steps: int, seed: int, eps: float = 1e-3, snr: float = 0.16, n_corrector: int = 1,
-                       device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
+                       device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                       callback: Callback | None = None) -> tuple[Tensor, int]:
     """Noiseless inverse problem by projection/replacement inside the PC sampler (Song et al. 2021,
     App. I; predictor, corrector and grid as `samplers.sample_pc`). Returns (x, NFE); x agrees with y
     exactly on the measured coordinates. Biased unless the unknown and known parts of Q x are independent
-    (module docstring)."""
+    (module docstring). `callback` gets the samplers' event {i, t, x, denoised=None} after each step."""
     shape = _check_measurement(op, y, shape)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -275,6 +276,8 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
             if i + 1 < len(ts):
                 x = _replace(op, x_mean + expand_like(G, x) * _noise(x, generator), u_y, *coeffs(ts[i + 1]),
                              generator)
+            if callback is not None:
+                callback({"i": i, "t": t_i, "x": x, "denoised": None})
         # Final: the denoised mean on the unknown part, the measurement itself on the known part.
         x = _replace(op, x_mean, u_y, 1.0, 0.0, generator)
     return x, counter.nfe

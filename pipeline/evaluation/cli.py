@@ -218,11 +218,16 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _inverse(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from ..stages import inverse_stage
 
-    res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
-                        method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
-                        sigma_y=args.sigma_y, factor=args.factor, seed=args.seed)
+    with tqdm(total=args.steps, desc=f"{args.task} ({args.method}, {args.n}×{args.per_image})",
+              unit="step") as bar:
+        res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
+                            method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
+                            sigma_y=args.sigma_y, factor=args.factor, seed=args.seed,
+                            on_progress=lambda p: bar.update(p["step"] - bar.n))
     extra = (f", class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.3f}"
              if "class_accuracy" in res else "")
     if "class_accuracy_posterior" in res:

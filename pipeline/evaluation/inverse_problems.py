@@ -10,6 +10,7 @@ A conditional model is used through its null label, so it is the unconditional p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,20 +85,28 @@ def measurement(task: str, shape: tuple[int, int, int], factor: int = 2) -> Meas
 
 
 @torch.no_grad()
-def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...],
-           task: InverseTask) -> tuple[Tensor, int]:
+def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...], task: InverseTask,
+           on_progress: Callable[[dict[str, Any]], None] | None) -> tuple[Tensor, int]:
     score_fn = model.score_fn(None)
+    callback = None
+    if on_progress is not None:
+        def callback(event: dict[str, Any]) -> None:
+            on_progress({"step": event["i"] + 1, "total": task.steps})
+
     if task.method == "replacement":
-        return sample_replacement(score_fn, model.sde, op, y, shape, steps=task.steps, seed=task.seed)
+        return sample_replacement(score_fn, model.sde, op, y, shape, steps=task.steps, seed=task.seed,
+                                  callback=callback)
     with torch.enable_grad():  # ΠGDM differentiates through the denoiser
         return sample_posterior("euler_maruyama", score_fn, model.sde, op, y, shape, sigma_y=task.sigma_y,
-                                steps=task.steps, seed=task.seed, data_var=0.25)
+                                steps=task.steps, seed=task.seed, data_var=0.25, callback=callback)
 
 
 def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None = None, *,
-                classifier: str | None = None) -> dict[str, Any]:
+                classifier: str | None = None,
+                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Solve `task` on the first n held-out images of `data`; grid (truth, measurement, completion rows)
-    and scores under `out`. With a domain classifier: its accuracy on the completions and their FID."""
+    and scores under `out`. With a domain classifier: its accuracy on the completions and their FID.
+    `on_progress({"step", "total"})` is called after each sampler step (all completions are one batch)."""
     from ..training.checkpoint import load_model
     from .bpd import dataset_levels
     from .classifier import load_split
@@ -120,7 +129,7 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     k = task.per_image  # completions of one image sit next to each other: rows i·k … i·k + k - 1
     truth, y_k = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
     t0 = time.perf_counter()
-    completed, nfe = _solve(model, op, y_k, tuple(truth.shape), task)
+    completed, nfe = _solve(model, op, y_k, tuple(truth.shape), task, on_progress)
     done = snap_to_levels(completed.float().clamp(-1, 1), levels)  # stored and scored on the data's grid
     scores = reconstruction_metrics(done, truth)  # means over all completions
     result: dict[str, Any] = {"checkpoint": model.describe(), "data": data, "task": asdict(task),
