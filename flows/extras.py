@@ -36,9 +36,9 @@ def interpolation_flow(checkpoint: str, data: str, out: str, pairs: int = 4, n: 
 def inverse_flow(checkpoint: str, data: str, out: str, task: str = "inpaint-right",
                  method: str = "replacement", n: int = 200, steps: int = 500,
                  classifier: str | None = None, per_image: int = 1,
-                 sigma_y: float = 0.01) -> dict[str, Any]:
+                 sigma_y: float = 0.01, data_var: float = 0.25) -> dict[str, Any]:
     """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
     completions when the domain classifier is given."""
     return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,
                                                "classifier": classifier, "per_image": per_image,
-                                               "sigma_y": sigma_y})
+                                               "sigma_y": sigma_y, "data_var": data_var})

@@ -84,6 +84,7 @@ def test_several_completions_per_image_are_scored_with_a_classifier(setup):
     assert res["task"]["per_image"] == 3 and res["nfe"] == 6
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["class_accuracy_posterior"] <= 1
     assert "completions per image | 3" in res["markdown"] and "p(c | y)" in res["markdown"]
+    assert "pigdm (σ_y = 0.05, v = 0.25)" in res["markdown"]
     grid = Image.open(io.BytesIO(storage.read_bytes(res["grid"])))
     assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 4 images: truth, measurement, first completion
 
@@ -105,6 +106,7 @@ def test_posterior_class_averages_probabilities_not_votes():
     (dict(task="smudge"), "task must be one of"),
     (dict(method="dps"), "method must be one of"),
     (dict(per_image=0), "per_image"),
+    (dict(method="pigdm", data_var=0.0), "data_var must be > 0"),
 ])
 def test_inverse_bad_input(setup, kw, words):
     from pipeline.evaluation.inverse_problems import InverseTask, run_inverse

@@ -107,6 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "class they support together)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--sigma-y", type=float, default=0.01, help="pigdm: the measurement noise std")
+    p.add_argument("--data-var", type=float, default=0.25,
+                   help="pigdm: prior variance v in r_t² = v σ̃²/(v + σ̃²); smaller tempers toward y")
     p.add_argument("--factor", type=int, default=2, help="superres: the average-pooling factor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", help="domain classifier URI: class accuracy and FID of the completions")
@@ -226,7 +228,8 @@ def _inverse(args: argparse.Namespace) -> int:
               unit="step") as bar:
         res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
                             method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
-                            sigma_y=args.sigma_y, factor=args.factor, seed=args.seed,
+                            sigma_y=args.sigma_y, data_var=args.data_var, factor=args.factor,
+                            seed=args.seed,
                             on_progress=lambda p: bar.update(p["step"] - bar.n))
     extra = (f", class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.3f}"
              if "class_accuracy" in res else "")

@@ -41,7 +41,10 @@ class InverseTask:
     """What is measured and how it is solved. `task`: inpaint-right (the right half is unknown and
     completed from the left), inpaint-left, inpaint-center, colorize (3-channel data), superres (average
     pooling by `factor`); `method`: replacement (noiseless y) or pigdm (y with noise σ_y). `per_image`
-    completions are drawn for every measurement (independent posterior samples)."""
+    completions are drawn for every measurement (independent posterior samples). `data_var`: ΠGDM's
+    prior variance v in r_t² = v σ̃²/(v + σ̃²) (`diffusion.inverse.pigdm_score`); the default is near the
+    digits' per-pixel variance in [-1, 1] (0.29); a smaller v weights the measurement more at high noise,
+    a tempered posterior (sharper, no longer exact; benchmarks/RESULTS.md measures both)."""
 
     task: str = "inpaint-right"
     method: str = "replacement"
@@ -49,6 +52,7 @@ class InverseTask:
     steps: int = 500
     factor: int = 2
     sigma_y: float = 0.01
+    data_var: float = 0.25
     seed: int = 0
     split: str = "test"
     per_image: int = 1
@@ -62,6 +66,8 @@ class InverseTask:
             check_int(name, getattr(self, name), 2 if name == "n" else 1)
         if not self.sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
+        if not self.data_var > 0:
+            raise ValueError(f"data_var must be > 0, got {self.data_var}")
 
 
 def measurement(task: str, shape: tuple[int, int, int], factor: int = 2) -> Measurement:
@@ -98,7 +104,8 @@ def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...], task:
                                   callback=callback)
     with torch.enable_grad():  # ΠGDM differentiates through the denoiser
         return sample_posterior("euler_maruyama", score_fn, model.sde, op, y, shape, sigma_y=task.sigma_y,
-                                steps=task.steps, seed=task.seed, data_var=0.25, callback=callback)
+                                steps=task.steps, seed=task.seed, data_var=task.data_var,
+                                callback=callback)
 
 
 def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None = None, *,
@@ -193,7 +200,10 @@ def inverse_markdown(res: dict[str, Any]) -> str:
     from ..reports import embed_png, fmt, table
 
     t = res["task"]
-    rows = [("task / method", f"{t['task']} / {t['method']}"), ("images", t["n"]),
+    method = t["method"]
+    if method == "pigdm":
+        method += f" (σ_y = {t['sigma_y']}, v = {t.get('data_var', 0.25)})"
+    rows = [("task / method", f"{t['task']} / {method}"), ("images", t["n"]),
             ("completions per image", t.get("per_image", 1)), ("NFE", res["nfe"]),
             ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
     if "class_accuracy" in res:
