@@ -234,12 +234,13 @@ def _replace(op: Measurement, x: Tensor, u_y: Tensor, alpha: float, sigma: float
 
 def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, shape: tuple[int, ...], *,
                        steps: int, seed: int, eps: float = 1e-3, snr: float = 0.16, n_corrector: int = 1,
-                       device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype = torch.float32,
                        callback: Callback | None = None) -> tuple[Tensor, int]:
     """Noiseless inverse problem by projection/replacement inside the PC sampler (Song et al. 2021,
     App. I; predictor, corrector and grid as `samplers.sample_pc`). Returns (x, NFE); x agrees with y
     exactly on the measured coordinates. Biased unless the unknown and known parts of Q x are independent
-    (module docstring). `callback` gets the samplers' event {i, t, x, denoised=None} after each step."""
+    (module docstring). Runs on y's device. `callback` gets the samplers' event {i, t, x, denoised=None}
+    after each step."""
     shape = _check_measurement(op, y, shape)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -247,7 +248,7 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
         raise ValueError(f"seed must be an int, got {seed!r}")
     check_options("pc", sde, steps, {**allowed_options("pc"), "dtype": dtype, "eps": eps, "snr": snr,
                                      "n_corrector": n_corrector})
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = y.device  # the samples are drawn where the measurement lives
     generator = torch.Generator(device=device).manual_seed(seed)
     x = sde.prior_sampling(shape, generator=generator, device=device).to(dtype)
     u_y = op.lift(y.to(device, dtype), shape)
