@@ -105,7 +105,7 @@ def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...], task:
     with torch.enable_grad():  # ΠGDM differentiates through the denoiser
         return sample_posterior("euler_maruyama", score_fn, model.sde, op, y, shape, sigma_y=task.sigma_y,
                                 steps=task.steps, seed=task.seed, data_var=task.data_var,
-                                callback=callback)
+                                device=y.device, callback=callback)
 
 
 def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None = None, *,
@@ -121,7 +121,9 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
 
     task = task or InverseTask()
     task.validate()
-    model = load_model(checkpoint)
+    # Sampling on the GPU where there is one; measuring, scoring and the picture on the CPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(checkpoint, device=device)
     levels = dataset_levels(data)
     x, labels = load_split(data, task.split)
     if x.shape[0] < task.n:
@@ -136,7 +138,8 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     k = task.per_image  # completions of one image sit next to each other: rows i·k … i·k + k - 1
     truth, y_k = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
     t0 = time.perf_counter()
-    completed, nfe = _solve(model, op, y_k, tuple(truth.shape), task, on_progress)
+    completed, nfe = _solve(model, op, y_k.to(device), tuple(truth.shape), task, on_progress)
+    completed = completed.cpu()
     done = snap_to_levels(completed.float().clamp(-1, 1), levels)  # stored and scored on the data's grid
     scores = reconstruction_metrics(done, truth)  # means over all completions
     result: dict[str, Any] = {"checkpoint": model.describe(), "data": data, "task": asdict(task),
