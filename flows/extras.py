@@ -9,8 +9,11 @@ from typing import Any
 from prefect import flow, task
 
 from pipeline import stages
+from pipeline.evaluation.inverse_problems import InverseTask
 
 from .tasks import RETRY, LiveBar, publish
+
+_DEFAULT = InverseTask()  # the flow's defaults are the task's own
 
 
 @task(name="interpolation", **RETRY)
@@ -33,10 +36,10 @@ def interpolation_flow(checkpoint: str, data: str, out: str, pairs: int = 4, n: 
 
 
 @flow(name="inverse-problem")
-def inverse_flow(checkpoint: str, data: str, out: str, task: str = "inpaint-right",
-                 method: str = "replacement", n: int = 200, steps: int = 500,
-                 classifier: str | None = None, per_image: int = 1,
-                 sigma_y: float = 0.01, data_var: float = 0.25) -> dict[str, Any]:
+def inverse_flow(checkpoint: str, data: str, out: str, task: str = _DEFAULT.task,
+                 method: str = _DEFAULT.method, n: int = _DEFAULT.n, steps: int = _DEFAULT.steps,
+                 classifier: str | None = None, per_image: int = _DEFAULT.per_image,
+                 sigma_y: float = _DEFAULT.sigma_y, data_var: float = _DEFAULT.data_var) -> dict[str, Any]:
     """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
     completions when the domain classifier is given."""
     return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,

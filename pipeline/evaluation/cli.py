@@ -91,26 +91,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=8, help="points per path, endpoints included")
     p.set_defaults(func=_interpolate)
 
-    from .inverse_problems import METHODS, TASKS
+    from .inverse_problems import METHODS, TASKS, InverseTask
+
+    d = InverseTask()  # the one place the defaults live
 
     p = sub.add_parser("inverse", help="inpainting / colourisation / super-resolution with an unconditional "
                                        "model, scored by PSNR, SSIM, class accuracy and FID")
     p.add_argument("checkpoint", help="trainer checkpoint or EMA export URI")
     p.add_argument("out", help="output folder URI (inverse.png + inverse.json)")
     p.add_argument("--data", required=True, help="sharded dataset URI (held-out images are the ground truth)")
-    p.add_argument("--task", default="inpaint-right", choices=TASKS)
-    p.add_argument("--method", default="replacement", choices=METHODS,
+    p.add_argument("--task", default=d.task, choices=TASKS)
+    p.add_argument("--method", default=d.method, choices=METHODS,
                    help="replacement (Song et al. 2021, PC sampler) or pigdm (noisy measurements)")
-    p.add_argument("--n", type=int, default=200, help="held-out images")
-    p.add_argument("--per-image", type=int, default=1,
+    p.add_argument("--n", type=int, default=d.n, help="held-out images")
+    p.add_argument("--per-image", type=int, default=d.per_image,
                    help="completions drawn for each image (with --classifier: also the accuracy of the "
                         "class they support together)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--sigma-y", type=float, default=0.01, help="pigdm: the measurement noise std")
-    p.add_argument("--data-var", type=float, default=0.25,
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--sigma-y", type=float, default=d.sigma_y, help="pigdm: the measurement noise std")
+    p.add_argument("--data-var", type=float, default=d.data_var,
                    help="pigdm: prior variance v in r_t² = v σ̃²/(v + σ̃²); smaller tempers toward y")
-    p.add_argument("--factor", type=int, default=2, help="superres: the average-pooling factor")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--factor", type=int, default=d.factor, help="superres: the average-pooling factor")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--classifier", help="domain classifier URI: class accuracy and FID of the completions")
     p.set_defaults(func=_inverse)
 

@@ -205,7 +205,7 @@ def inverse_markdown(res: dict[str, Any]) -> str:
     t = res["task"]
     method = t["method"]
     if method == "pigdm":
-        method += f" (σ_y = {t['sigma_y']}, v = {t.get('data_var', 0.25)})"
+        method += f" (σ_y = {t['sigma_y']}, v = {t['data_var']})"
     rows = [("task / method", f"{t['task']} / {method}"), ("images", t["n"]),
             ("completions per image", t.get("per_image", 1)), ("NFE", res["nfe"]),
             ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
