@@ -25,9 +25,13 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 
 def table(rows: Sequence[tuple[str, Any]]) -> str:
-    """A two-column markdown table of (name, value)."""
+    """A two-column markdown table of (name, value). A "|" inside a cell (p(c | y)) is escaped: unescaped,
+    it splits the cell and pushes the value out of the table."""
+    def cell(v: Any) -> str:
+        return (f"{v:.6g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
     return "\n".join(lines)
 
 

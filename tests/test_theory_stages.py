@@ -83,7 +83,12 @@ def test_several_completions_per_image_are_scored_with_a_classifier(setup):
     # 5 Euler–Maruyama steps and the final denoising step, one batch for all 4 × 3 completions.
     assert res["task"]["per_image"] == 3 and res["nfe"] == 6
     assert 0 <= res["class_accuracy"] <= 1 and 0 <= res["class_accuracy_posterior"] <= 1
-    assert "completions per image | 3" in res["markdown"] and "p(c | y)" in res["markdown"]
+    assert "completions per image | 3" in res["markdown"] and "p(c \\| y)" in res["markdown"]
+    # Every table row has exactly two cells: the "|" in p(c | y) is escaped, not a cell boundary.
+    rows = [line for line in res["markdown"].splitlines() if line.startswith("| ")]
+    assert all(len(re.split(r"(?<!\\)\|", r.strip("|"))) == 2 for r in rows), rows
+    assert any(re.fullmatch(r"\| class accuracy of p\(c \\\| y\) from the completions \| [0-9.]+ \|", r)
+               for r in rows), rows
     assert "pigdm (σ_y = 0.05, v = 0.25)" in res["markdown"]
     grid = Image.open(io.BytesIO(storage.read_bytes(res["grid"])))
     assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 4 images: truth, measurement, first completion
