@@ -39,9 +39,12 @@ def interpolation_flow(checkpoint: str, data: str, out: str, pairs: int = 4, n: 
 def inverse_flow(checkpoint: str, data: str, out: str, task: str = _DEFAULT.task,
                  method: str = _DEFAULT.method, n: int = _DEFAULT.n, steps: int = _DEFAULT.steps,
                  classifier: str | None = None, per_image: int = _DEFAULT.per_image,
-                 sigma_y: float = _DEFAULT.sigma_y, data_var: float = _DEFAULT.data_var) -> dict[str, Any]:
+                 sigma_y: float = _DEFAULT.sigma_y, data_var: float | None = _DEFAULT.data_var,
+                 particles: int = _DEFAULT.particles) -> dict[str, Any]:
     """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
-    completions when the domain classifier is given."""
+    completions when the domain classifier is given. `method` smc runs `particles` per completion, with
+    the class mixture as prior where the model has classes; `data_var` None is the method's default."""
     return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,
                                                "classifier": classifier, "per_image": per_image,
-                                               "sigma_y": sigma_y, "data_var": data_var})
+                                               "sigma_y": sigma_y, "data_var": data_var,
+                                               "particles": particles})

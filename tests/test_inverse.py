@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 from scipy.integrate import solve_ivp
+from torch import Tensor
 
 from pipeline.diffusion.inverse import (
+    ClassMixture,
     Colorization,
     Inpainting,
     SuperResolution,
@@ -14,6 +16,7 @@ from pipeline.diffusion.inverse import (
     linear_matrix,
     sample_posterior,
     sample_replacement,
+    sample_smc,
 )
 from pipeline.diffusion.sde import VPSDE
 from pipeline.diffusion.toy import GaussianMixture
@@ -145,6 +148,56 @@ def test_pigdm_reproduces_the_posterior_of_a_noisy_measurement(name):
     assert (m - MU).abs().max() > 0.3
 
 
+def test_smc_reproduces_the_gaussian_posterior():
+    # With ΠGDM's twisting exact (N(μ, I) data, exact score) the weights only correct discretisation.
+    op, sigma_y, sde = Inpainting(MASK), 0.2, VPSDE()
+    y, m, S = _posterior(op, sigma_y)
+    x, nfe = sample_smc(GAUSS.score_fn(sde), sde, op, y.float(), (N, *IMG), sigma_y=sigma_y, steps=200,
+                        seed=3, particles=4)
+    assert nfe == 201 and x.shape == (N, *IMG)
+    _assert_matches(x, m, S)
+
+
+# Two classes in 2-D (a [1, 1, 2] image): x₀ is measured with noise, x₁ is not and tells the class apart.
+TWO = GaussianMixture(torch.tensor([0.3, 0.7], dtype=F64),
+                      torch.tensor([[-0.5, -1.5], [0.5, 1.5]], dtype=F64),
+                      torch.eye(2, dtype=F64).expand(2, 2, 2) * 0.3**2)
+
+
+def _two_class_posterior(y0: float, sigma_y: float) -> tuple[Tensor, Tensor, Tensor]:
+    """p(c | y) [2], and the posterior mean and variance of x [2] under the mixture: per class x₀ | y is
+    the scalar Gaussian update and x₁ keeps its prior (the components are isotropic)."""
+    tau2, mu = 0.3**2, TWO.means
+    p_c = torch.softmax(TWO.weights.log() - (y0 - mu[:, 0]) ** 2 / (2 * (tau2 + sigma_y**2)), 0)
+    gain = tau2 / (tau2 + sigma_y**2)
+    m_c = torch.stack([mu[:, 0] + gain * (y0 - mu[:, 0]), mu[:, 1]], 1)  # [class, coordinate]
+    v_c = torch.tensor([tau2 * (1 - gain), tau2], dtype=F64).expand(2, 2)
+    mean = (p_c[:, None] * m_c).sum(0)
+    var = (p_c[:, None] * (v_c + m_c**2)).sum(0) - mean**2
+    return p_c, mean, var
+
+
+@pytest.mark.parametrize("prior", ["class mixture", "unconditional score"])
+def test_smc_samples_the_class_posterior_of_a_mixture_where_pigdm_is_biased(prior):
+    # ΠGDM approximates p(x₀ | x_t) by one Gaussian around the mixture's mean, which misjudges how well
+    # each class explains y; TDS's weights correct it in the limit of many particles.
+    sde, sigma_y, y0, n = VPSDE(), 0.3, 0.2, 4000
+    op = Inpainting(torch.tensor([[[1.0, 0.0]]]))
+    y = torch.tensor([y0, 0.0]).reshape(1, 1, 1, 2).expand(n, 1, 1, 2)
+    p_c, mean, var = _two_class_posterior(y0, sigma_y)
+    fn = (ClassMixture(lambda labels: TWO.score_fn(sde, labels), TWO.weights) if prior == "class mixture"
+          else TWO.score_fn(sde))
+    x, _ = sample_smc(fn, sde, op, y, (n, 1, 1, 2), sigma_y=sigma_y, steps=200, seed=0, particles=8)
+    x = x.reshape(n, 2).double()
+    frac, se_frac = (x[:, 1] > 0).double().mean(), math.sqrt(p_c[1] * p_c[0] / n)
+    assert abs(frac - p_c[1]) < 5 * se_frac + 0.01, (frac, p_c[1])
+    assert ((x.mean(0) - mean).abs() < 5 * (var / n).sqrt() + MEAN_ALLOW).all(), (x.mean(0), mean)
+    # Power: ΠGDM alone lands far from p(c | y) here.
+    x_pigdm, _ = sample_posterior("euler_maruyama", TWO.score_fn(sde), sde, op, y, (n, 1, 1, 2),
+                                  sigma_y=sigma_y, steps=200, seed=0)
+    assert abs((x_pigdm[..., 1] > 0).double().mean() - p_c[1]) > 20 * se_frac
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -169,6 +222,10 @@ def test_pigdm_reproduces_the_posterior_of_a_noisy_measurement(name):
                                     steps=5, seed=0, snr=0.0), r"snr.*> 0"),
         (lambda: sample_replacement(None, VPSDE(), Colorization(), torch.zeros(2, 1, 4, 4), (2, 3, 4, 4),
                                     steps=0, seed=0), r"steps.*>= 1.*0"),
+        (lambda: sample_smc(None, VPSDE(), Colorization(), torch.zeros(2, 1, 4, 4), (2, 3, 4, 4), sigma_y=0.1,
+                            steps=5, seed=0, particles=0), r"particles.*>= 1.*0"),
+        (lambda: sample_smc(None, VPSDE(), Colorization(), torch.zeros(2, 1, 4, 4), (2, 3, 4, 4), sigma_y=0.1,
+                            steps=5, seed=0, data_var=0.0), r"data_var.*> 0"),
     ],
 )
 def test_bad_input_raises_before_sampling(call, match):

@@ -94,6 +94,35 @@ def test_several_completions_per_image_are_scored_with_a_classifier(setup):
     assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 4 images: truth, measurement, first completion
 
 
+@pytest.mark.parametrize("prior, shown", [("auto", "class mixture of the conditional model"),
+                                          ("null", "null label")])
+def test_smc_solves_with_particles_and_says_which_prior(setup, prior, shown):
+    from pipeline.stages import inverse_stage
+
+    root, data, ckpt = setup
+    seen = []
+    res = inverse_stage(ckpt, data, str(root / f"inverse-smc-{prior}"), n=3, steps=4, method="smc",
+                        particles=3, sigma_y=0.05, prior=prior, on_progress=seen.append)
+    assert [p["step"] for p in seen] == [1, 2, 3, 4]
+    # The stored task is the resolved one: the method's v and the prior actually used.
+    assert res["task"]["prior"] == ("classes" if prior == "auto" else "null")
+    assert res["task"]["data_var"] == 1.0 and res["nfe"] == 5
+    assert f"smc (3 particles, σ_y = 0.05, v = 1.0, prior: {shown})" in res["markdown"]
+    assert "| NFE | 5 per particle |" in res["markdown"]
+    assert -1 <= res["ssim"] <= 1  # an untrained network: only that it was scored
+
+
+def test_the_class_mixture_prior_needs_classes():
+    from pipeline.evaluation.inverse_problems import InverseTask
+
+    assert InverseTask(method="smc").resolved(10).prior == "classes"
+    assert InverseTask(method="smc").resolved(None).prior == "null"
+    assert InverseTask(method="pigdm").resolved(10).prior == "null"
+    assert InverseTask(method="pigdm").resolved(10).data_var == 0.25
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        InverseTask(method="smc", prior="classes").resolved(None)
+
+
 def test_posterior_class_averages_probabilities_not_votes():
     from pipeline.evaluation.inverse_problems import posterior_class
 
@@ -112,6 +141,9 @@ def test_posterior_class_averages_probabilities_not_votes():
     (dict(method="dps"), "method must be one of"),
     (dict(per_image=0), "per_image"),
     (dict(method="pigdm", data_var=0.0), "data_var must be > 0"),
+    (dict(method="smc", particles=0), "particles"),
+    (dict(method="pigdm", prior="classes"), "prior 'classes' needs method 'smc'"),
+    (dict(method="smc", prior="mixture"), "prior must be one of"),
 ])
 def test_inverse_bad_input(setup, kw, words):
     from pipeline.evaluation.inverse_problems import InverseTask, run_inverse

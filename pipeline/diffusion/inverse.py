@@ -24,11 +24,25 @@ i.e. p(x₀ | x_t) ≈ N(x̂₀, r_t² I), with v the data variance (the paper's
 goes through the network. For Gaussian data N(μ, v I) with the exact score this is the exact
 ∇log p_t(y | x_t), so any sampler of `samplers.sample` run on s_θ + that gradient samples the exact
 posterior up to discretisation.
+
+Method 3, the twisted diffusion sampler (TDS; Wu, Trippe, Naesseth, Blei & Cunningham 2023, Alg. 1): P
+particles per measurement, proposed by the ΠGDM-guided Euler–Maruyama step q(x_{i+1} | x_i, y) and
+weighted by w_i = p_θ(x_{i+1} | x_i) p̃_{i+1}(y | x_{i+1}) / (q(x_{i+1} | x_i, y) p̃_i(y | x_i)), with ΠGDM's
+p̃_t(y | x_t) as the twisting function, resampled whenever the effective sample size falls below P/2.
+At t = eps, p̃ is the likelihood of y given x_eps itself (r² → σ̃² ≪ the data's scale), so the weighted
+particles target the model's own posterior as P → ∞ whatever ΠGDM's approximation gets wrong at high noise,
+where it is poor for multimodal data: there it sees only the mean x̂₀ of a p(x₀ | x_t) that mixes classes.
+v only shapes the twisting, not the target: a large v keeps early weights flat, so one lucky class mean
+does not take every particle at the first step. With a class-conditional model the prior can be the mixture
+Σ_c π_c p_θ(x | c) of its conditional branches (`ClassMixture`): each particle carries a class, resampled
+with it, so the classes that survive are those the measurement supports, p(c | y) in the limit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -284,28 +298,41 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
     return x, counter.nfe
 
 
-def pigdm_score(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, *, sigma_y: float,
-                data_var: float = 1.0) -> ScoreFn:
-    """s_θ(x_t, t) + ΠGDM's ∇_{x_t} log p_t(y | x_t) (Song, Vahdat, Mardani & Kautz 2023, eq. 7; module
-    docstring). One call = one score evaluation plus one vector-Jacobian product through it."""
+def _check_pigdm(sigma_y: float, data_var: float) -> None:
     if not (sigma_y >= 0):
         raise ValueError(f"sigma_y (measurement noise std) must be >= 0, got {sigma_y!r}")
     if not (data_var > 0):
         raise ValueError(f"data_var must be > 0, got {data_var!r}")
 
+
+def _pigdm_terms(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, x: Tensor, t: Tensor,
+                 sigma_y: float, data_var: float) -> tuple[Tensor, Tensor, Tensor]:
+    """s_θ(x_t, t), ∇_{x_t} ℓ_t and ℓ_t = log p̃_t(y | x_t) + const [B], with ΠGDM's
+    p̃_t(y | x_t) = N(y; A x̂₀, (r_t² c + σ_y²) I) (module docstring); the constant is the same for every
+    sample at one t."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        s = score_fn(x_in, t)
+        alpha, sigma = sde.marginal_coeffs(t)
+        a, sg = expand_like(alpha.to(x.dtype), x), expand_like(sigma.to(x.dtype), x)
+        x0_hat = (x_in + sg**2 * s) / a
+        st2 = (sigma / alpha).to(x.dtype) ** 2
+        r2 = data_var * st2 / (data_var + st2)  # Var[x0 | x_t] of N(μ, v I) data, per sample [B]
+        resid = (y.to(x.dtype) - op.measure(x0_hat)).flatten(1)
+        loglik = -0.5 * (resid**2).sum(1) / (r2 * op.c + sigma_y**2)
+        guide = torch.autograd.grad(loglik.sum(), x_in)[0]
+    return s.detach(), guide, loglik.detach()
+
+
+def pigdm_score(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, *, sigma_y: float,
+                data_var: float = 1.0) -> ScoreFn:
+    """s_θ(x_t, t) + ΠGDM's ∇_{x_t} log p_t(y | x_t) (Song, Vahdat, Mardani & Kautz 2023, eq. 7; module
+    docstring). One call = one score evaluation plus one vector-Jacobian product through it."""
+    _check_pigdm(sigma_y, data_var)
+
     def fn(x: Tensor, t: Tensor) -> Tensor:
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            s = score_fn(x_in, t)
-            alpha, sigma = sde.marginal_coeffs(t)
-            a, sg = expand_like(alpha.to(x.dtype), x), expand_like(sigma.to(x.dtype), x)
-            x0_hat = (x_in + sg**2 * s) / a
-            st2 = (sigma / alpha).to(x.dtype) ** 2
-            r2 = data_var * st2 / (data_var + st2)  # Var[x0 | x_t] of N(μ, v I) data, per sample [B]
-            resid = (y.to(x.dtype) - op.measure(x0_hat)).flatten(1)
-            loglik = -0.5 * (resid**2).sum(1) / (r2 * op.c + sigma_y**2)
-            guide = torch.autograd.grad(loglik.sum(), x_in)[0]
-        return (s + guide).detach()
+        s, guide, _ = _pigdm_terms(score_fn, sde, op, y, x, t, sigma_y, data_var)
+        return s + guide
 
     return fn
 
@@ -321,6 +348,89 @@ def sample_posterior(method: str, score_fn: ScoreFn, sde: SDE, op: Measurement, 
     return sample(method, guided, sde, shape, steps=steps, seed=seed, device=device, **options)
 
 
+@dataclass(frozen=True)
+class ClassMixture:
+    """The prior p(x) = Σ_c π_c p_θ(x | c) of a class-conditional model, for `sample_smc`: `score_for(labels)`
+    is the score function of particles with these class labels [N], `weights` the class probabilities π [C].
+    (A conditional model's null label is trained on a fraction of the batches only; the mixture of its
+    conditional branches can be the better p(x): benchmarks/RESULTS.md measures both on digits.)"""
+
+    score_for: Callable[[Tensor], ScoreFn]
+    weights: Tensor
+
+
+def _systematic(W: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """n indices per row [G, n] by systematic resampling of the normalised weights W [G, K]: index k
+    appears ⌊n W_k⌋ or ⌈n W_k⌉ times (Kitagawa 1996), less variance than n multinomial draws."""
+    G, K = W.shape
+    u = (torch.rand(G, 1, generator=generator, device=W.device, dtype=W.dtype)
+         + torch.arange(n, device=W.device, dtype=W.dtype)) / n
+    cdf = W.cumsum(1)
+    cdf[:, -1] = 1.0  # rounding must not leave u beyond the last bin
+    return torch.searchsorted(cdf.contiguous(), u).clamp(max=K - 1)
+
+
+def sample_smc(prior: ScoreFn | ClassMixture, sde: SDE, op: Measurement, y: Tensor, shape: tuple[int, ...], *,
+               sigma_y: float, steps: int, seed: int, particles: int = 10, data_var: float = 1.0,
+               eps: float = 1e-3, callback: Callback | None = None) -> tuple[Tensor, int]:
+    """One posterior sample of x | y = A x + σ_y n per row of y by the twisted diffusion sampler (module
+    docstring, Method 3) with `particles` particles per row; the prior is `prior`'s unconditional score or a
+    `ClassMixture`, whose particles carry classes that are resampled with them. Returns (x, NFE per particle:
+    steps + 1 evaluations, each with a vector-Jacobian product). Runs on y's device."""
+    shape = _check_measurement(op, y, shape)
+    _check_pigdm(sigma_y, data_var)
+    for name, value, least in (("steps", steps, 1), ("particles", particles, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    B, P, device = shape[0], particles, y.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = sde.prior_sampling((B * P, *shape[1:]), generator=generator, device=device)
+    y_p = y.to(device, x.dtype).expand(shape[0], *y.shape[1:]).repeat_interleave(P, 0)
+    labels = None
+    if isinstance(prior, ClassMixture):  # classes in proportion to π, by one systematic draw per row
+        pi = prior.weights.to(device, torch.float64)
+        labels = _systematic((pi / pi.sum()).expand(B, -1), P, generator)
+    ts = time_grid(sde, steps, eps=eps).tolist()
+    logw = log_pq = ell_prev = torch.zeros(B * P, dtype=torch.float64, device=device)
+    rows = torch.arange(B, device=device)[:, None] * P
+    for i, t_i in enumerate(ts):
+        t = _vec(t_i, x)
+        score_fn = prior if labels is None else prior.score_for(labels.flatten())
+        s, guide, ell = _pigdm_terms(score_fn, sde, op, y_p, x, t, sigma_y, data_var)
+        # w_i = p(x_i | x_{i-1}) p̃_i(y | x_i) / (q(x_i | x_{i-1}, y) p̃_{i-1}(y | x_{i-1})); w_0 = p̃_0(y | x_T)
+        logw = logw + ell.double() + log_pq - ell_prev
+        W = torch.softmax(logw.view(B, P), 1)
+        ess = 1.0 / (W**2).sum(1)
+        if i + 1 == len(ts):
+            break
+        resample = ess < P / 2  # resample the rows whose effective sample size fell below half
+        if bool(resample.any()):
+            keep = torch.arange(P, device=device).expand(B, P)
+            idx = (torch.where(resample[:, None], _systematic(W, P, generator), keep) + rows).flatten()
+            x, s, guide, ell = x[idx], s[idx], guide[idx], ell[idx]
+            labels = None if labels is None else labels.flatten()[idx].view(B, P)
+            logw = torch.where(resample.repeat_interleave(P), torch.zeros_like(logw), logw[idx])
+        # Proposal: Euler–Maruyama on the reverse SDE with the twisted score s + ∇ℓ (ΠGDM's guided step).
+        dt = ts[i + 1] - t_i
+        drift, diffusion = sde.sde(x, t)
+        g2 = expand_like(diffusion, x) ** 2
+        mean_p = x + (drift - g2 * s) * dt
+        mean_q = mean_p - g2 * guide * dt
+        x_new = mean_q + torch.sqrt(-g2 * dt) * _noise(x, generator)
+        log_pq = ((x_new - mean_q) ** 2 - (x_new - mean_p) ** 2) / (2 * -g2 * dt)  # log p_θ − log q
+        log_pq = log_pq.flatten(1).sum(1).double()
+        x, ell_prev = x_new, ell.double()
+        if callback is not None:
+            callback({"i": i, "t": t_i, "x": x, "denoised": None, "ess": float(ess.median())})
+    # One particle per row drawn by its final weight, denoised (Tweedie at eps, as the other samplers end).
+    pick = torch.multinomial(W.float(), 1, generator=generator).flatten() + rows.flatten()
+    x, s = x[pick], s[pick]
+    alpha, sigma = sde.marginal_coeffs(t[pick])
+    return (x + expand_like(sigma.to(x.dtype), x) ** 2 * s) / expand_like(alpha.to(x.dtype), x), len(ts)
+
+
 def linear_matrix(op: Measurement, shape: tuple[int, ...]) -> Tensor:
     """A as a dense [m, D] float64 matrix for one image of `shape` [1, C, H, W] (for tests and checks)."""
     op.check(shape)
@@ -329,5 +439,5 @@ def linear_matrix(op: Measurement, shape: tuple[int, ...]) -> Tensor:
     return op.measure(basis).reshape(D, -1).T
 
 
-__all__ = ["Colorization", "Inpainting", "Measurement", "SuperResolution", "helmert", "linear_matrix",
-           "pigdm_score", "sample_posterior", "sample_replacement"]
+__all__ = ["ClassMixture", "Colorization", "Inpainting", "Measurement", "SuperResolution", "helmert",
+           "linear_matrix", "pigdm_score", "sample_posterior", "sample_replacement", "sample_smc"]

@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=8, help="points per path, endpoints included")
     p.set_defaults(func=_interpolate)
 
-    from .inverse_problems import METHODS, TASKS, InverseTask
+    from .inverse_problems import DATA_VAR, METHODS, PRIORS, TASKS, InverseTask
 
     d = InverseTask()  # the one place the defaults live
 
@@ -102,15 +102,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="sharded dataset URI (held-out images are the ground truth)")
     p.add_argument("--task", default=d.task, choices=TASKS)
     p.add_argument("--method", default=d.method, choices=METHODS,
-                   help="replacement (Song et al. 2021, PC sampler) or pigdm (noisy measurements)")
+                   help="replacement (Song et al. 2021, PC sampler), pigdm (noisy measurements) or smc "
+                        "(twisted diffusion sampler: ΠGDM's guidance with particles reweighted toward the "
+                        "exact posterior)")
     p.add_argument("--n", type=int, default=d.n, help="held-out images")
     p.add_argument("--per-image", type=int, default=d.per_image,
                    help="completions drawn for each image (with --classifier: also the accuracy of the "
                         "class they support together)")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--sigma-y", type=float, default=d.sigma_y, help="pigdm: the measurement noise std")
+    p.add_argument("--sigma-y", type=float, default=d.sigma_y, help="pigdm, smc: the measurement noise std")
     p.add_argument("--data-var", type=float, default=d.data_var,
-                   help="pigdm: prior variance v in r_t² = v σ̃²/(v + σ̃²); smaller tempers toward y")
+                   help="pigdm, smc: prior variance v in r_t² = v σ̃²/(v + σ̃²) (default by method: "
+                        + ", ".join(f"{k} {v}" for k, v in DATA_VAR.items())
+                        + "); for pigdm a smaller v tempers toward y")
+    p.add_argument("--particles", type=int, default=d.particles,
+                   help="smc: particles per completion (the cost is particles × steps)")
+    p.add_argument("--prior", default=d.prior, choices=PRIORS,
+                   help="smc: 'classes' = the mixture of a class-conditional model's branches, 'null' = its "
+                        "null label; auto picks classes where the model has them")
     p.add_argument("--factor", type=int, default=d.factor, help="superres: the average-pooling factor")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--classifier", help="domain classifier URI: class accuracy and FID of the completions")
@@ -231,7 +240,7 @@ def _inverse(args: argparse.Namespace) -> int:
         res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
                             method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
                             sigma_y=args.sigma_y, data_var=args.data_var, factor=args.factor,
-                            seed=args.seed,
+                            seed=args.seed, particles=args.particles, prior=args.prior,
                             on_progress=lambda p: bar.update(p["step"] - bar.n))
     extra = (f", class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.3f}"
              if "class_accuracy" in res else "")

@@ -1,17 +1,22 @@
 """Inverse problems with a model trained without the condition (Song et al. 2021, Sec. 5 and App. I):
 inpainting, colourisation and super-resolution of held-out real images, solved by the replacement
-method inside the predictor–corrector sampler or by ΠGDM posterior sampling (`diffusion/inverse.py`),
-and scored against the ground truth: PSNR and SSIM, the domain classifier's accuracy on the completions'
-true labels, and FID of the completions (with its floor at the same N).
+method inside the predictor–corrector sampler, by ΠGDM posterior sampling, or by the twisted diffusion
+sampler (SMC with ΠGDM's twisting; `diffusion/inverse.py`), and scored against the ground truth: PSNR and
+SSIM, the domain classifier's accuracy on the completions' true labels, and FID of the completions (with
+its floor at the same N).
 
-A conditional model is used through its null label, so it is the unconditional p(x) that is inverted.
+The model never sees y in training: it is the prior p(x) that is inverted. A class-conditional model gives
+p(x) through its null label, or, for smc, as the mixture (1/C) Σ_c p_θ(x | c) of its conditional branches,
+whose particles' classes are resampled by how well they explain y (prior "classes", the default there:
+on digits the null label, trained on a tenth of the batches, over- and under-represents classes by up to
+40%; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -21,17 +26,23 @@ from .. import storage
 from ..config import check_int
 from ..diffusion.dequantize import snap_to_levels
 from ..diffusion.inverse import (
+    ClassMixture,
     Colorization,
     Inpainting,
     Measurement,
     SuperResolution,
     sample_posterior,
     sample_replacement,
+    sample_smc,
 )
 from .grid import grid_png
 
 TASKS: tuple[str, ...] = ("inpaint-right", "inpaint-left", "inpaint-center", "colorize", "superres")
-METHODS: tuple[str, ...] = ("replacement", "pigdm")
+METHODS: tuple[str, ...] = ("replacement", "pigdm", "smc")
+PRIORS: tuple[str, ...] = ("auto", "null", "classes")
+# ΠGDM's v by method: near the digits' per-pixel variance in [-1, 1] (0.29) for pigdm, whose samples it
+# shapes; the paper's v = 1 for smc, whose target it does not change (flat early twisting keeps particles).
+DATA_VAR = {"pigdm": 0.25, "smc": 1.0}
 GRID_FILE = "inverse.png"
 RESULT_FILE = "inverse.json"
 
@@ -40,11 +51,13 @@ RESULT_FILE = "inverse.json"
 class InverseTask:
     """What is measured and how it is solved. `task`: inpaint-right (the right half is unknown and
     completed from the left), inpaint-left, inpaint-center, colorize (3-channel data), superres (average
-    pooling by `factor`); `method`: replacement (noiseless y) or pigdm (y with noise σ_y). `per_image`
-    completions are drawn for every measurement (independent posterior samples). `data_var`: ΠGDM's
-    prior variance v in r_t² = v σ̃²/(v + σ̃²) (`diffusion.inverse.pigdm_score`); the default is near the
-    digits' per-pixel variance in [-1, 1] (0.29); a smaller v weights the measurement more at high noise,
-    a tempered posterior (sharper, no longer exact; benchmarks/RESULTS.md measures both)."""
+    pooling by `factor`); `method`: replacement (noiseless y), pigdm or smc (y with noise σ_y; smc runs
+    `particles` particles per completion). `per_image` completions are drawn for every measurement
+    (independent posterior samples). `data_var`: ΠGDM's prior variance v in r_t² = v σ̃²/(v + σ̃²)
+    (`diffusion.inverse.pigdm_score`), None for the method's default (`DATA_VAR`); for pigdm a smaller v
+    weights the measurement more at high noise, a tempered posterior (sharper, no longer exact;
+    benchmarks/RESULTS.md measures both). `prior`: null (the null label), classes (smc only: the mixture
+    of a class-conditional model's branches) or auto (classes for smc where the model has classes)."""
 
     task: str = "inpaint-right"
     method: str = "replacement"
@@ -52,22 +65,43 @@ class InverseTask:
     steps: int = 500
     factor: int = 2
     sigma_y: float = 0.01
-    data_var: float = 0.25
+    data_var: float | None = None
     seed: int = 0
     split: str = "test"
     per_image: int = 1
+    particles: int = 10
+    prior: str = "auto"
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("n", "steps", "factor", "per_image"):
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        for name in ("n", "steps", "factor", "per_image", "particles"):
             check_int(name, getattr(self, name), 2 if name == "n" else 1)
         if not self.sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
-        if not self.data_var > 0:
-            raise ValueError(f"data_var must be > 0, got {self.data_var}")
+        if self.data_var is not None and not self.data_var > 0:
+            raise ValueError(f"data_var must be > 0 (or None for the method's default), got {self.data_var}")
+        if self.prior == "classes" and self.method != "smc":
+            raise ValueError(f"prior 'classes' needs method 'smc' (only its particles can trade classes by "
+                             f"how well they explain y), got method {self.method!r}")
+
+    def resolved(self, num_classes: int | None) -> InverseTask:
+        """The task with the method's defaults filled in for a model with `num_classes` classes (None:
+        unconditional): data_var from `DATA_VAR`, prior auto → classes for smc on a class-conditional model,
+        else null."""
+        self.validate()
+        if self.prior == "classes" and not num_classes:
+            raise ValueError("prior 'classes' needs a class-conditional model; this one is unconditional "
+                             "(use prior 'null' or 'auto')")
+        prior = self.prior
+        if prior == "auto":
+            prior = "classes" if self.method == "smc" and num_classes else "null"
+        data_var = self.data_var if self.data_var is not None else DATA_VAR.get(self.method)
+        return replace(self, prior=prior, data_var=data_var)
 
 
 def measurement(task: str, shape: tuple[int, int, int], factor: int = 2) -> Measurement:
@@ -102,6 +136,12 @@ def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...], task:
     if task.method == "replacement":
         return sample_replacement(score_fn, model.sde, op, y, shape, steps=task.steps, seed=task.seed,
                                   callback=callback)
+    if task.method == "smc":
+        C = model.num_classes
+        prior = (ClassMixture(model.score_fn, torch.full((C,), 1.0 / C)) if task.prior == "classes"
+                 else score_fn)
+        return sample_smc(prior, model.sde, op, y, shape, sigma_y=task.sigma_y, steps=task.steps,
+                          seed=task.seed, particles=task.particles, data_var=task.data_var, callback=callback)
     with torch.enable_grad():  # ΠGDM differentiates through the denoiser
         return sample_posterior("euler_maruyama", score_fn, model.sde, op, y, shape, sigma_y=task.sigma_y,
                                 steps=task.steps, seed=task.seed, data_var=task.data_var,
@@ -119,11 +159,11 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     from .classifier import load_split
     from .image_metrics import reconstruction_metrics
 
-    task = task or InverseTask()
-    task.validate()
+    (task or InverseTask()).validate()  # before the checkpoint is read
     # Sampling on the GPU where there is one; measuring, scoring and the picture on the CPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, device=device)
+    task = (task or InverseTask()).resolved(model.num_classes)
     levels = dataset_levels(data)
     x, labels = load_split(data, task.split)
     if x.shape[0] < task.n:
@@ -133,7 +173,7 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     op.check(tuple(x.shape))
     g = torch.Generator().manual_seed(task.seed)
     y = op.measure(x)
-    if task.method == "pigdm":
+    if task.method != "replacement":  # the noisy-measurement methods
         y = y + task.sigma_y * torch.randn(y.shape, generator=g)
     k = task.per_image  # completions of one image sit next to each other: rows i·k … i·k + k - 1
     truth, y_k = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
@@ -206,8 +246,13 @@ def inverse_markdown(res: dict[str, Any]) -> str:
     method = t["method"]
     if method == "pigdm":
         method += f" (σ_y = {t['sigma_y']}, v = {t['data_var']})"
+    nfe = res["nfe"]
+    if method == "smc":
+        prior = "class mixture of the conditional model" if t["prior"] == "classes" else "null label"
+        method += f" ({t['particles']} particles, σ_y = {t['sigma_y']}, v = {t['data_var']}, prior: {prior})"
+        nfe = f"{nfe} per particle"
     rows = [("task / method", f"{t['task']} / {method}"), ("images", t["n"]),
-            ("completions per image", t.get("per_image", 1)), ("NFE", res["nfe"]),
+            ("completions per image", t.get("per_image", 1)), ("NFE", nfe),
             ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
     if "class_accuracy" in res:
         rows += [("class accuracy of completions", res["class_accuracy"])]
@@ -220,5 +265,5 @@ def inverse_markdown(res: dict[str, Any]) -> str:
             + embed_png(res["png"], "inverse problem", link=res["grid"]))
 
 
-__all__ = ["METHODS", "TASKS", "InverseTask", "inverse_markdown", "measurement", "posterior_class",
-           "run_inverse"]
+__all__ = ["DATA_VAR", "METHODS", "PRIORS", "TASKS", "InverseTask", "inverse_markdown", "measurement",
+           "posterior_class", "run_inverse"]
