@@ -8,6 +8,13 @@ has expected class accuracy E[p(c_true | x_L)], while the Bayes decision argmax_
 E[1{argmax = c_true}] ≥ that. Both are estimated here from the left halves alone, with calibrated
 classifiers fit on the training split and scored on the held-out split the inverse-problem stage uses
 (`diffusion-pipeline inverse ... --per-image k` reports both figures for the diffusion model).
+
+    ... --checkpoint CKPT --classifier CLF [--samples 20000]
+
+also estimates both figures for the *model's* own p(c | x_L), sampler aside: it draws unconditional samples
+from the null label and from the class mixture (1/C) Σ_c p_θ(x | c), names their classes with the domain
+classifier, and reads p(c | x_L) off the k nearest samples in left-half pixel space (k-NN: biased by its
+neighbourhood's width, so two k are shown). A posterior sampler of that prior cannot do better than these.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,6 +37,29 @@ def left_halves(data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x[..., : w // 2].reshape(x.shape[0], -1).numpy(), y.numpy()
 
 
+def model_samples(checkpoint: str, classifier: str, n: int, prior: str) -> tuple[np.ndarray, np.ndarray]:
+    """n samples of the model's p(x) (prior: null or classes), as left halves, and their classes as the
+    domain classifier names them; Heun, 18 steps, on the data's grid."""
+    from pipeline.diffusion.dequantize import snap_to_levels
+    from pipeline.diffusion.samplers import sample
+    from pipeline.evaluation.classifier import class_probs
+    from pipeline.evaluation.features import build_extractor
+    from pipeline.training.checkpoint import load_model
+
+    model, ext = load_model(checkpoint), build_extractor("domain", weights=classifier)
+    lefts, classes = [], []
+    for i, start in enumerate(range(0, n, 1000)):
+        b = min(1000, n - start)
+        labels = None if prior == "null" else torch.arange(start, start + b) % model.num_classes
+        with torch.no_grad():
+            x, _ = sample("heun", model.score_fn(labels), model.sde, (b, *model.image_shape), steps=18,
+                          seed=1000 + i)
+        x = snap_to_levels(x.clamp(-1, 1), 17)
+        classes.append(class_probs(ext.model, x).argmax(1).numpy())
+        lefts.append(x[..., : x.shape[-1] // 2].reshape(b, -1).numpy())
+    return np.concatenate(lefts), np.concatenate(classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
@@ -37,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", help="also estimate the model's own figures from its samples")
+    p.add_argument("--classifier", help="the domain classifier that names the samples' classes")
+    p.add_argument("--samples", type=int, default=20000, help="model samples per prior")
     args = p.parse_args(argv)
+    if args.checkpoint and not args.classifier:
+        p.error("--checkpoint needs --classifier")
     xtr, ytr = left_halves(args.data, "train")
     xte, yte = left_halves(args.data, "test")
     models = {
@@ -55,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         pt = P[np.arange(len(yte)), yte]
         print(f"| {name} | {np.mean(P.argmax(1) == yte):.3f} | {pt.mean():.3f} | "
               f"{-np.log(np.clip(pt, 1e-12, None)).mean():.3f} |")
+    if args.checkpoint:
+        print(f"\n| the model's p(c given the left half), {args.samples} samples | Bayes decision accuracy | "
+              "E[p(c_true given left)] | class frequencies of the samples (min–max) |")
+        print("|---|---:|---:|---|")
+        for prior in ("null", "classes"):
+            xs, cs = model_samples(args.checkpoint, args.classifier, args.samples, prior)
+            freq = np.bincount(cs, minlength=10) / len(cs)
+            for k in (5, 20):
+                knn = KNeighborsClassifier(k).fit(xs, cs)
+                P = np.zeros((len(yte), 10))
+                P[:, knn.classes_] = knn.predict_proba(xte)  # a class no sample has gets 0
+                pt = P[np.arange(len(yte)), yte]
+                name = "null label" if prior == "null" else "class mixture"
+                print(f"| {name}, {k}-NN | {np.mean(P.argmax(1) == yte):.3f} | {pt.mean():.3f} | "
+                      f"{freq.min():.3f}–{freq.max():.3f} |")
     return 0
 
 

@@ -40,11 +40,11 @@ def inverse_flow(checkpoint: str, data: str, out: str, task: str = _DEFAULT.task
                  method: str = _DEFAULT.method, n: int = _DEFAULT.n, steps: int = _DEFAULT.steps,
                  classifier: str | None = None, per_image: int = _DEFAULT.per_image,
                  sigma_y: float = _DEFAULT.sigma_y, data_var: float | None = _DEFAULT.data_var,
-                 particles: int = _DEFAULT.particles) -> dict[str, Any]:
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Solve an inverse problem on held-out images; PSNR/SSIM, and class accuracy and FID of the
-    completions when the domain classifier is given. `method` smc runs `particles` per completion, with
-    the class mixture as prior where the model has classes; `data_var` None is the method's default."""
+    completions when the domain classifier is given. `data_var` None is the method's default. `options`:
+    any other `InverseTask` field, e.g. {"particles": 10, "batch": 64} for smc on large images (an unknown
+    name is refused with the allowed ones)."""
     return inverse_task(checkpoint, data, out, {"task": task, "method": method, "n": n, "steps": steps,
                                                "classifier": classifier, "per_image": per_image,
-                                               "sigma_y": sigma_y, "data_var": data_var,
-                                               "particles": particles})
+                                               "sigma_y": sigma_y, "data_var": data_var, **(options or {})})

@@ -183,7 +183,8 @@ def test_permanent_failure_fails_the_flow_with_the_error_in_its_logs(harness, tm
 
 def test_inverse_flow_shows_progress_and_its_picture(harness, tmp_path):
     """The inverse-problem flow on a small checkpoint: a progress artifact that reaches 100% (updated at
-    most once per whole percent) and the markdown artifact with its embedded grid."""
+    most once per whole percent) over every sampler call, the markdown artifact with its embedded grid,
+    and `options` reaching the task (smc's particles, the batch)."""
     import torch
 
     from flows.extras import inverse_flow
@@ -202,12 +203,15 @@ def test_inverse_flow_shows_progress_and_its_picture(harness, tmp_path):
     torch.manual_seed(0)
     net = build_unet(cfg.preset, **cfg.model_overrides)
     ckpt = export_ema(str(tmp_path / "ema.pt"), ema=net.state_dict(), config=cfg.to_dict(), step=0)
-    state = inverse_flow(ckpt, data, str(tmp_path / "inverse"), n=3, steps=25, return_state=True)
+    state = inverse_flow(ckpt, data, str(tmp_path / "inverse"), n=3, steps=25, method="smc",
+                         options={"particles": 2, "batch": 2}, return_state=True)
     assert state.is_completed()
     by_key = {a.key: a for a in _artifacts(state.state_details.flow_run_id) if a.key}
     assert by_key["inverse-progress"].data == 100.0
     assert "data:image/png;base64," in by_key["inverse-problem"].data
-    assert storage.exists(str(tmp_path / "inverse" / "inverse.json"))
+    assert "smc (2 particles" in by_key["inverse-problem"].data
+    task = storage.read_json(str(tmp_path / "inverse" / "inverse.json"))["task"]
+    assert (task["particles"], task["batch"], task["prior"]) == (2, 2, "classes")
 
 
 def test_transient_classification():

@@ -122,6 +122,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "null label; auto picks classes where the model has them")
     p.add_argument("--factor", type=int, default=d.factor, help="superres: the average-pooling factor")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch", type=int, default=d.batch,
+                   help="completions per sampler call, each with its particles (default: all in one call); "
+                        "call j is seeded with seed + j")
     p.add_argument("--classifier", help="domain classifier URI: class accuracy and FID of the completions")
     p.set_defaults(func=_inverse)
 
@@ -235,13 +238,17 @@ def _inverse(args: argparse.Namespace) -> int:
 
     from ..stages import inverse_stage
 
+    def advance(bar: Any, p: dict[str, Any]) -> None:
+        bar.total = p["total"]  # steps × sampler calls, known once the first call reports
+        bar.update(p["step"] - bar.n)
+
     with tqdm(total=args.steps, desc=f"{args.task} ({args.method}, {args.n}×{args.per_image})",
               unit="step") as bar:
         res = inverse_stage(args.checkpoint, args.data, args.out, classifier=args.classifier, task=args.task,
                             method=args.method, n=args.n, per_image=args.per_image, steps=args.steps,
                             sigma_y=args.sigma_y, data_var=args.data_var, factor=args.factor,
-                            seed=args.seed, particles=args.particles, prior=args.prior,
-                            on_progress=lambda p: bar.update(p["step"] - bar.n))
+                            seed=args.seed, particles=args.particles, prior=args.prior, batch=args.batch,
+                            on_progress=lambda p: advance(bar, p))
     extra = (f", class accuracy {res['class_accuracy']:.3f}, FID {res['fid']:.3f}"
              if "class_accuracy" in res else "")
     if "class_accuracy_posterior" in res:

@@ -57,7 +57,9 @@ class InverseTask:
     (`diffusion.inverse.pigdm_score`), None for the method's default (`DATA_VAR`); for pigdm a smaller v
     weights the measurement more at high noise, a tempered posterior (sharper, no longer exact;
     benchmarks/RESULTS.md measures both). `prior`: null (the null label), classes (smc only: the mixture
-    of a class-conditional model's branches) or auto (classes for smc where the model has classes)."""
+    of a class-conditional model's branches) or auto (classes for smc where the model has classes).
+    `batch`: completions per sampler call (each with its particles; the memory bound for large images),
+    None for all n × per_image in one call; call j is seeded with seed + j."""
 
     task: str = "inpaint-right"
     method: str = "replacement"
@@ -71,6 +73,7 @@ class InverseTask:
     per_image: int = 1
     particles: int = 10
     prior: str = "auto"
+    batch: int | None = None
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -81,6 +84,8 @@ class InverseTask:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         for name in ("n", "steps", "factor", "per_image", "particles"):
             check_int(name, getattr(self, name), 2 if name == "n" else 1)
+        if self.batch is not None:
+            check_int("batch", self.batch, 1)
         if not self.sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {self.sigma_y}")
         if self.data_var is not None and not self.data_var > 0:
@@ -126,12 +131,14 @@ def measurement(task: str, shape: tuple[int, int, int], factor: int = 2) -> Meas
 
 @torch.no_grad()
 def _solve(model: Any, op: Measurement, y: Tensor, shape: tuple[int, ...], task: InverseTask,
-           on_progress: Callable[[dict[str, Any]], None] | None) -> tuple[Tensor, int]:
+           on_progress: Callable[[dict[str, Any]], None] | None, steps_before: int = 0,
+           total: int | None = None) -> tuple[Tensor, int]:
+    """One sampler call; progress counts on from `steps_before` steps of `total` (calls × steps)."""
     score_fn = model.score_fn(None)
     callback = None
     if on_progress is not None:
         def callback(event: dict[str, Any]) -> None:
-            on_progress({"step": event["i"] + 1, "total": task.steps})
+            on_progress({"step": steps_before + event["i"] + 1, "total": total or task.steps})
 
     if task.method == "replacement":
         return sample_replacement(score_fn, model.sde, op, y, shape, steps=task.steps, seed=task.seed,
@@ -153,7 +160,7 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Solve `task` on the first n held-out images of `data`; grid (truth, measurement, completion rows)
     and scores under `out`. With a domain classifier: its accuracy on the completions and their FID.
-    `on_progress({"step", "total"})` is called after each sampler step (all completions are one batch)."""
+    `on_progress({"step", "total"})` is called after each sampler step (of every call, `task.batch`)."""
     from ..training.checkpoint import load_model
     from .bpd import dataset_levels
     from .classifier import load_split
@@ -178,8 +185,15 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     k = task.per_image  # completions of one image sit next to each other: rows i·k … i·k + k - 1
     truth, y_k = x.repeat_interleave(k, 0), y.repeat_interleave(k, 0)
     t0 = time.perf_counter()
-    completed, nfe = _solve(model, op, y_k.to(device), tuple(truth.shape), task, on_progress)
-    completed = completed.cpu()
+    rows = task.batch or truth.shape[0]
+    starts = range(0, truth.shape[0], rows)
+    parts = []
+    for j, a in enumerate(starts):
+        part, nfe = _solve(model, op, y_k[a: a + rows].to(device), tuple(truth[a: a + rows].shape),
+                           replace(task, seed=task.seed + j), on_progress, j * task.steps,
+                           len(starts) * task.steps)
+        parts.append(part.cpu())
+    completed = torch.cat(parts)
     done = snap_to_levels(completed.float().clamp(-1, 1), levels)  # stored and scored on the data's grid
     scores = reconstruction_metrics(done, truth)  # means over all completions
     result: dict[str, Any] = {"checkpoint": model.describe(), "data": data, "task": asdict(task),
