@@ -1,6 +1,6 @@
 """Optional flows beside the end-to-end DAG, on a trained checkpoint: latent interpolation through the
 probability-flow ODE, and inverse problems (inpainting, colourisation, super-resolution) solved with the
-unconditional model. Each is one stage call whose picture is embedded in the Prefect UI."""
+model trained without the measurement. Each is one stage call whose picture is embedded in the Prefect UI."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def interpolation_task(checkpoint: str, data: str, out: str, pairs: int, n: int)
 def inverse_task(checkpoint: str, data: str, out: str, options: dict[str, Any]) -> dict[str, Any]:
     bar = LiveBar("inverse-progress", "sampler steps done / total (%)")
     return publish(stages.inverse_stage(checkpoint, data, out, on_progress=bar, **options), "inverse-problem",
-                   "inverse problem with the unconditional model")
+                   "inverse problem with a model trained without y")
 
 
 @flow(name="interpolation")

@@ -263,7 +263,7 @@ def interpolation_stage(checkpoint: str, data: str, out: str, *, pairs: int = 4,
 
 def inverse_stage(checkpoint: str, data: str, out: str, *, classifier: str | None = None,
                   on_progress: Callable[[dict[str, Any]], None] | None = None, **task: Any) -> dict[str, Any]:
-    """An inverse problem solved with the unconditional model, scored by PSNR/SSIM (and, with the domain
+    """An inverse problem solved with a model trained without y, scored by PSNR/SSIM (and, with the domain
     classifier, class accuracy and FID of the completions). `task`: the fields of `InverseTask`;
     `on_progress({"step", "total"})` after each sampler step."""
     from .evaluation.inverse_problems import InverseTask, inverse_markdown, run_inverse

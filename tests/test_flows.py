@@ -209,7 +209,7 @@ def test_inverse_flow_shows_progress_and_its_picture(harness, tmp_path):
     by_key = {a.key: a for a in _artifacts(state.state_details.flow_run_id) if a.key}
     assert by_key["inverse-progress"].data == 100.0
     assert "data:image/png;base64," in by_key["inverse-problem"].data
-    assert "smc (2 particles" in by_key["inverse-problem"].data
+    assert "| particles per completion | 2 |" in by_key["inverse-problem"].data
     task = storage.read_json(str(tmp_path / "inverse" / "inverse.json"))["task"]
     assert (task["particles"], task["batch"], task["prior"]) == (2, 2, "classes")
 

@@ -89,13 +89,14 @@ def test_several_completions_per_image_are_scored_with_a_classifier(setup):
     assert all(len(re.split(r"(?<!\\)\|", r.strip("|"))) == 2 for r in rows), rows
     assert any(re.fullmatch(r"\| class accuracy of p\(c \\\| y\) from the completions \| [0-9.]+ \|", r)
                for r in rows), rows
-    assert "pigdm (σ_y = 0.05, v = 0.25)" in res["markdown"]
+    assert "| task / method | inpaint-right / pigdm |" in res["markdown"]
+    assert "| measurement noise σ_y / ΠGDM's v | 0.05 / 0.25 |" in res["markdown"]
     grid = Image.open(io.BytesIO(storage.read_bytes(res["grid"])))
     assert grid.size == (4 * 65 + 1, 3 * 65 + 1)  # 4 images: truth, measurement, first completion
 
 
-@pytest.mark.parametrize("prior, shown", [("auto", "class mixture of the conditional model"),
-                                          ("null", "null label")])
+@pytest.mark.parametrize("prior, shown", [("auto", "class mixture (1/C) Σ_c p(x \\| c)"),
+                                          ("null", "unconditional (null label)")])
 def test_smc_solves_with_particles_and_says_which_prior(setup, prior, shown):
     from pipeline.stages import inverse_stage
 
@@ -107,7 +108,9 @@ def test_smc_solves_with_particles_and_says_which_prior(setup, prior, shown):
     # The stored task is the resolved one: the method's v and the prior actually used.
     assert res["task"]["prior"] == ("classes" if prior == "auto" else "null")
     assert res["task"]["data_var"] == 1.0 and res["nfe"] == 5
-    assert f"smc (3 particles, σ_y = 0.05, v = 1.0, prior: {shown})" in res["markdown"]
+    assert f"| prior p(x) | {shown} |" in res["markdown"]
+    assert "| particles per completion | 3 |" in res["markdown"]
+    assert "| measurement noise σ_y / ΠGDM's v | 0.05 / 1.0 |" in res["markdown"]
     assert "| NFE | 5 per particle |" in res["markdown"]
     assert -1 <= res["ssim"] <= 1  # an untrained network: only that it was scored
 

@@ -116,7 +116,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         + ", ".join(f"{k} {v}" for k, v in DATA_VAR.items())
                         + "); for pigdm a smaller v tempers toward y")
     p.add_argument("--particles", type=int, default=d.particles,
-                   help="smc: particles per completion (the cost is particles × steps)")
+                   help="smc: particles per completion (the cost is particles × steps; with the class "
+                        "mixture at least one per class, so that every class starts in every run)")
     p.add_argument("--prior", default=d.prior, choices=PRIORS,
                    help="smc: 'classes' = the mixture of a class-conditional model's branches, 'null' = its "
                         "null label; auto picks classes where the model has them")

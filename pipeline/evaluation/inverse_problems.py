@@ -257,24 +257,25 @@ def inverse_markdown(res: dict[str, Any]) -> str:
     from ..reports import embed_png, fmt, table
 
     t = res["task"]
-    method = t["method"]
-    if method == "pigdm":
-        method += f" (σ_y = {t['sigma_y']}, v = {t['data_var']})"
+    # One setting per row: a long cell is cut off at the Prefect UI's table width.
+    rows: list[tuple[str, Any]] = [("task / method", f"{t['task']} / {t['method']}")]
+    if t["method"] != "replacement":
+        rows += [("measurement noise σ_y / ΠGDM's v", f"{t['sigma_y']} / {t['data_var']}")]
+    prior = "class mixture (1/C) Σ_c p(x | c)" if t["prior"] == "classes" else "unconditional (null label)"
+    rows += [("prior p(x)", prior)]
     nfe = res["nfe"]
-    if method == "smc":
-        prior = "class mixture of the conditional model" if t["prior"] == "classes" else "null label"
-        method += f" ({t['particles']} particles, σ_y = {t['sigma_y']}, v = {t['data_var']}, prior: {prior})"
+    if t["method"] == "smc":
+        rows += [("particles per completion", t["particles"])]
         nfe = f"{nfe} per particle"
-    rows = [("task / method", f"{t['task']} / {method}"), ("images", t["n"]),
-            ("completions per image", t.get("per_image", 1)), ("NFE", nfe),
-            ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
+    rows += [("images", t["n"]), ("completions per image", t.get("per_image", 1)), ("NFE", nfe),
+             ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
     if "class_accuracy" in res:
         rows += [("class accuracy of completions", res["class_accuracy"])]
         if "class_accuracy_posterior" in res:
             rows += [("class accuracy of p(c | y) from the completions", res["class_accuracy_posterior"])]
         fid = f"{fmt(res['fid'], 3)} ({fmt(res.get('fid_floor'), 3)})"
         rows += [("FID of completions (floor at N)", fid)]
-    return ("### Inverse problem with an unconditional model\n\n" + table(rows)
+    return ("### Inverse problem with a model trained without y\n\n" + table(rows)
             + "\n\nRows: ground truth, measurement, completion (the first of each image's).\n\n"
             + embed_png(res["png"], "inverse problem", link=res["grid"]))
 
