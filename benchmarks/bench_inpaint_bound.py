@@ -14,7 +14,8 @@ classifiers fit on the training split and scored on the held-out split the inver
 also estimates both figures for the *model's* own p(c | x_L), sampler aside: it draws unconditional samples
 from the null label and from the class mixture (1/C) Σ_c p_θ(x | c), names their classes with the domain
 classifier, and reads p(c | x_L) off the k nearest samples in left-half pixel space (k-NN: biased by its
-neighbourhood's width, so two k are shown). A posterior sampler of that prior cannot do better than these.
+neighbourhood's width, so two k are shown). Estimates, not bounds: a neighbourhood average flattens a
+sharp p(c | x_L), so a good posterior sampler of that prior can score a little above them.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def left_halves(data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x[..., : w // 2].reshape(x.shape[0], -1).numpy(), y.numpy()
 
 
-def model_samples(checkpoint: str, classifier: str, n: int, prior: str) -> tuple[np.ndarray, np.ndarray]:
+def model_samples(checkpoint: str, classifier: str, n: int, prior: str,
+                  levels: int) -> tuple[np.ndarray, np.ndarray]:
     """n samples of the model's p(x) (prior: null or classes), as left halves, and their classes as the
-    domain classifier names them; Heun, 18 steps, on the data's grid."""
+    domain classifier names them; Heun, 18 steps, snapped to the data's `levels`."""
     from pipeline.diffusion.dequantize import snap_to_levels
     from pipeline.diffusion.samplers import sample
     from pipeline.evaluation.classifier import class_probs
@@ -54,7 +56,7 @@ def model_samples(checkpoint: str, classifier: str, n: int, prior: str) -> tuple
         with torch.no_grad():
             x, _ = sample("heun", model.score_fn(labels), model.sde, (b, *model.image_shape), steps=18,
                           seed=1000 + i)
-        x = snap_to_levels(x.clamp(-1, 1), 17)
+        x = snap_to_levels(x.clamp(-1, 1), levels)
         classes.append(class_probs(ext.model, x).argmax(1).numpy())
         lefts.append(x[..., : x.shape[-1] // 2].reshape(b, -1).numpy())
     return np.concatenate(lefts), np.concatenate(classes)
@@ -95,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n| the model's p(c given the left half), {args.samples} samples | Bayes decision accuracy | "
               "E[p(c_true given left)] | class frequencies of the samples (min–max) |")
         print("|---|---:|---:|---|")
+        from pipeline.evaluation.bpd import dataset_levels
+
         for prior in ("null", "classes"):
-            xs, cs = model_samples(args.checkpoint, args.classifier, args.samples, prior)
+            xs, cs = model_samples(args.checkpoint, args.classifier, args.samples, prior,
+                                   dataset_levels(args.data))
             freq = np.bincount(cs, minlength=10) / len(cs)
             for k in (5, 20):
                 knn = KNeighborsClassifier(k).fit(xs, cs)

@@ -8,8 +8,8 @@ its floor at the same N).
 The model never sees y in training: it is the prior p(x) that is inverted. A class-conditional model gives
 p(x) through its null label, or, for smc, as the mixture (1/C) Σ_c p_θ(x | c) of its conditional branches,
 whose particles' classes are resampled by how well they explain y (prior "classes", the default there:
-on digits the null label, trained on a tenth of the batches, over- and under-represents classes by up to
-40%; benchmarks/RESULTS.md).
+on digits the null label, trained on a tenth of the batches, draws 7.5%–14.3% of its samples per class
+against the data's 10%; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
