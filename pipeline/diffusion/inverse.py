@@ -238,6 +238,15 @@ def _check_measurement(op: Measurement, y: Tensor, shape: tuple[int, ...]) -> tu
     return shape
 
 
+def _check_run(seed: int, **counts: int) -> None:
+    """seed an int and every count (steps, particles) an int >= 1: the inverse samplers' common checks."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
 def _replace(op: Measurement, x: Tensor, u_y: Tensor, alpha: float, sigma: float,
              generator: torch.Generator | None) -> Tensor:
     """u_K ← α u_y + σ z (a draw of the forward process from the measurement), u_U kept."""
@@ -256,10 +265,7 @@ def sample_replacement(score_fn: ScoreFn, sde: SDE, op: Measurement, y: Tensor, 
     (module docstring). Runs on y's device. `callback` gets the samplers' event {i, t, x, denoised=None}
     after each step."""
     shape = _check_measurement(op, y, shape)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_run(seed, steps=steps)
     check_options("pc", sde, steps, {**allowed_options("pc"), "dtype": dtype, "eps": eps, "snr": snr,
                                      "n_corrector": n_corrector})
     device = y.device  # the samples are drawn where the measurement lives
@@ -379,11 +385,8 @@ def sample_smc(prior: ScoreFn | ClassMixture, sde: SDE, op: Measurement, y: Tens
     steps + 1 evaluations, each with a vector-Jacobian product). Runs on y's device."""
     shape = _check_measurement(op, y, shape)
     _check_pigdm(sigma_y, data_var)
-    for name, value, least in (("steps", steps, 1), ("particles", particles, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_run(seed, steps=steps, particles=particles)
+    check_options("euler_maruyama", sde, steps, {**allowed_options("euler_maruyama"), "eps": eps})
     B, P, device = shape[0], particles, y.device
     generator = torch.Generator(device=device).manual_seed(seed)
     x = sde.prior_sampling((B * P, *shape[1:]), generator=generator, device=device)
@@ -406,7 +409,7 @@ def sample_smc(prior: ScoreFn | ClassMixture, sde: SDE, op: Measurement, y: Tens
         if i + 1 == len(ts):
             break
         resample = ess < P / 2  # resample the rows whose effective sample size fell below half
-        if bool(resample.any()):
+        if bool(resample.any()):  # one host sync per step, beside a network call with its VJP
             keep = torch.arange(P, device=device).expand(B, P)
             idx = (torch.where(resample[:, None], _systematic(W, P, generator), keep) + rows).flatten()
             x, s, guide, ell = x[idx], s[idx], guide[idx], ell[idx]
@@ -423,7 +426,7 @@ def sample_smc(prior: ScoreFn | ClassMixture, sde: SDE, op: Measurement, y: Tens
         log_pq = log_pq.flatten(1).sum(1).double()
         x, ell_prev = x_new, ell.double()
         if callback is not None:
-            callback({"i": i, "t": t_i, "x": x, "denoised": None, "ess": float(ess.median())})
+            callback({"i": i, "t": t_i, "x": x, "denoised": None})
     # One particle per row drawn by its final weight, denoised (Tweedie at eps, as the other samplers end).
     pick = torch.multinomial(W.float(), 1, generator=generator).flatten() + rows.flatten()
     x, s = x[pick], s[pick]

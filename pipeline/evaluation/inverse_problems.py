@@ -166,11 +166,12 @@ def run_inverse(checkpoint: str, data: str, out: str, task: InverseTask | None =
     from .classifier import load_split
     from .image_metrics import reconstruction_metrics
 
-    (task or InverseTask()).validate()  # before the checkpoint is read
+    task = task or InverseTask()
+    task.validate()  # before the checkpoint is read; what depends on the model is resolved after
     # Sampling on the GPU where there is one; measuring, scoring and the picture on the CPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(checkpoint, device=device)
-    task = (task or InverseTask()).resolved(model.num_classes)
+    task = task.resolved(model.num_classes)
     levels = dataset_levels(data)
     x, labels = load_split(data, task.split)
     if x.shape[0] < task.n:
